@@ -1,0 +1,1 @@
+"""AlignMixup in JAX/Flax."""

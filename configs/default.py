@@ -1,0 +1,69 @@
+"""Shared defaults: AlignMix on CIFAR-10 with the paper's Appendix B settings.
+
+Every other config starts from this one and overrides only what differs. Any field can be
+overridden on the command line, e.g. `--config.train.num_epochs=3`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.dataset = ml_collections.ConfigDict()
+    # 'cifar10' | 'cifar100' (tfds), 'image_folder' (PATH/{train,test}/<class>/<image>),
+    # 'demo' (the CIFAR-10 subset embedded in the package).
+    config.dataset.name = 'cifar10'
+    # tfds data_dir for cifar10/cifar100, the folder root for image_folder.
+    config.dataset.data_dir = config_dict.placeholder(str)
+    # Allow tfds to download when the data is not in data_dir (needs internet).
+    config.dataset.download = True
+    # Use a fixed random subset of this many training images (0: all of them).
+    config.dataset.train_subset = 0
+    # Per-channel normalisation of the public AlignMixup code (both CIFAR-10 and CIFAR-100).
+    config.dataset.mean = (0.4914, 0.4822, 0.4465)
+    config.dataset.std = (0.2023, 0.1994, 0.2010)
+    # Augmentation: zero padding + random crop back to the input size, horizontal flip.
+    config.dataset.crop_padding = 4
+    config.dataset.random_flip = True
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = 'preact_resnet18'  # or 'wide_resnet16_8'
+    config.model.width = 1.0  # channel multiplier (0.25 for CPU-sized runs)
+    # Stage-2 encoder f: global average pooling, then a fully connected layer to this many
+    # dimensions (0: no fully connected layer; e is the pooled feature, 512-d for R-18).
+    config.model.embedding_dim = 0
+    # BatchNorm + ReLU at the start of f (pre-activation networks end unnormalised).
+    config.model.head_norm = True
+    # Alignment resolution (paper Table 8): 'feature_pool=2' averages A to 2x2,
+    # 'last_stride=1' removes the last downsampling (8x8 on CIFAR for R-18).
+    config.model.last_stride = 2
+    config.model.feature_pool = 1
+    config.model.dtype = 'float32'  # 'bfloat16' on GPUs; alignment always runs in float32
+
+    config.mixup = ml_collections.ConfigDict()
+    # Modes drawn uniformly per batch (Algorithm 1); list a mode twice to double its chance.
+    # 'input': mix x (Eq. 3); 'embedding': mix e (Eq. 5); 'feature': mix A with A aligned to A'
+    # (Eq. 12); 'feature_prime': the same with the pair and labels swapped (Eq. 13).
+    config.mixup.modes = ('input', 'embedding', 'feature', 'feature_prime')
+    config.mixup.align = True  # False: mix A and A' without alignment (Table 8, 'unaligned')
+    config.mixup.alpha = 2.0  # lambda ~ Beta(alpha, alpha)
+    config.mixup.epsilon = 0.1  # entropic regularisation of Eq. (9), absolute
+    config.mixup.sinkhorn_iters = 100
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128
+    config.train.num_epochs = 2000
+    config.train.learning_rate = 0.1
+    config.train.lr_decay_epochs = (500, 1000, 1500)
+    config.train.lr_decay_factor = 0.1
+    config.train.momentum = 0.9
+    config.train.weight_decay = 1e-4
+    config.train.eval_batch_size = 500
+    config.train.eval_every_epochs = 10
+    config.train.log_every_steps = 100
+    config.train.checkpoint_every_steps = 1000
+    config.train.keep_checkpoints = 3
+    return config
