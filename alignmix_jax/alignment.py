@@ -1,0 +1,191 @@
+"""Feature tensor alignment by entropic optimal transport (paper Section 3.2, Eq. 7-11).
+
+Two channels-last feature tensors A, A' of shape (..., h, w, c) are read as r = h*w feature
+vectors each (positions flattened row-major). The transport plan P couples position i of A with
+position j of A'; the assignment R = r P mixes the features of A' into the layout of A (Eq. 10).
+
+The plan is computed with ott-jax's Sinkhorn solver, configured to reproduce the public PyTorch
+AlignMixup loop rather than ott's defaults:
+
+- absolute epsilon on the unscaled squared Euclidean cost (ott would otherwise pick epsilon
+  relative to the cost's spread; its cost scale factor defaults to 1.0 in ott 0.6.0, and is set
+  explicitly here so a future default cannot change the problem);
+- exactly `num_iters` full iterations (a row and a column update each), no early stop;
+- log domain, potentials initialised to zero, uniform marginals 1/r;
+- the potential over A's positions is updated before the one over A''s positions in every
+  iteration. After 100 iterations at realistic feature scales the plan has not converged, so the
+  order of updates decides which marginal is exact (here: the column sums, over A''s positions).
+
+No gradient flows through the plan: it is computed from stopped inputs and stopped again on
+output, so gradients of `align` reach A' only through the features it combines.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from ott.geometry import geometry
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import sinkhorn
+
+# A threshold no marginal error can fall below. With min_iterations == max_iterations ott runs a
+# fixed-length scan and never consults it; it is negative so that would stay true if it did.
+_NEVER_CONVERGED = -1.0
+
+
+def _positions(features: jax.Array) -> jax.Array:
+    """(..., h, w, c) -> (..., r, c): one row per spatial position, row-major over (h, w)."""
+    *leading, height, width, channels = features.shape
+    return features.reshape(*leading, height * width, channels)
+
+
+def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Eq. (7) for all pairs: out[k, l] = ||x_k - y_l||^2, from differences.
+
+    Differences rather than ||x||^2 + ||y||^2 - 2 x.y: the expansion cancels catastrophically
+    in float32 when the features are far from the origin (post-ReLU features are), and its
+    matmul runs at reduced precision by default on accelerators. XLA fuses the difference, the
+    square and the sum, so the (r, r, c) intermediate is never stored.
+    """
+    return jnp.sum(jnp.square(x[:, None, :] - y[None, :, :]), axis=-1)
+
+
+def _sinkhorn_solver(num_iters: int) -> sinkhorn.Sinkhorn:
+    return sinkhorn.Sinkhorn(
+        lse_mode=True,
+        threshold=_NEVER_CONVERGED,
+        # ott counts body calls: each call is one full update of both potentials, and
+        # min == max makes its loop a scan of max_iterations // inner_iterations steps of
+        # inner_iterations calls. inner_iterations=1 gives exactly num_iters iterations, and since
+        # ott only computes its marginal error when iteration >= min_iterations or at the last
+        # iteration, it does that extra work once.
+        inner_iterations=1,
+        min_iterations=num_iters,
+        max_iterations=num_iters,
+        # Unrolled rather than implicit differentiation; we never differentiate through the solve
+        # (inputs are stopped), so no backward tape is built either.
+        implicit_diff=None,
+        momentum=None,
+        anderson=None,
+        parallel_dual_updates=False,
+        recenter_potentials=False,
+    )
+
+
+def _plan_for_one_pair(a_positions: jax.Array, b_positions: jax.Array, *, epsilon: float,
+                       num_iters: int) -> jax.Array:
+    """(r, c), (r, c) -> (r, r) plan of Eq. (9), P[i, j] coupling a_i with b_j."""
+    num_positions = a_positions.shape[0]
+    # ott updates its column potential g before its row potential f in each iteration, while the
+    # public AlignMixup code updates the potential over A's positions first. So ott solves the
+    # transposed problem: its rows are A''s positions and its columns A's, cost M^T.
+    cost_b_by_a = _squared_distances(b_positions, a_positions)
+    # Subtracting from each of A's positions its smallest cost leaves every Sinkhorn iterate's
+    # plan unchanged in exact arithmetic: the first update of each iteration is the one over A's
+    # positions, and it recomputes that potential from scratch, absorbing any shift that depends
+    # on A's position only. In float32 it keeps the potentials small, which makes the plan several
+    # times more accurate at large feature distances. (Shifting by B's positions would change
+    # the iterates, because B's potential is still zero when A's is first computed.)
+    cost_b_by_a = cost_b_by_a - jnp.min(cost_b_by_a, axis=0, keepdims=True)
+    geom = geometry.Geometry(
+        cost_matrix=cost_b_by_a,
+        # Eq. (9): an absolute epsilon. ott's default (epsilon=None) is 0.05 times the standard
+        # deviation of the cost, and relative_epsilon would rescale 0.1 the same way.
+        epsilon=epsilon,
+        relative_epsilon=None,
+        scale_cost=1.0,
+    )
+    # Eq. (8): uniform marginals, every position carries mass 1/r.
+    uniform = jnp.full((num_positions,), 1.0 / num_positions, dtype=jnp.float32)
+    problem = linear_problem.LinearProblem(geom, a=uniform, b=uniform)
+    output = _sinkhorn_solver(num_iters)(problem)
+    return output.matrix.T
+
+
+# Jitted so eager callers (visualisation, tests) compile the solver once per shape instead of
+# tracing ott's loop on every call; inside a caller's jit it is simply inlined.
+@functools.partial(jax.jit, static_argnames=('num_iters',))
+def transport_plan(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
+                   num_iters: int = 100) -> jax.Array:
+    """The entropic transport plan between the positions of `a` and those of `b` (Eq. 7-9).
+
+    Args:
+      a: features of shape (..., h, w, c), any number of leading batch dimensions.
+      b: features of the same shape as `a`.
+      epsilon: absolute entropic regularisation on the unscaled squared Euclidean cost.
+      num_iters: the exact number of Sinkhorn iterations (each a row then a column update).
+
+    Returns:
+      float32 plan of shape (..., r, r), r = h*w with positions flattened row-major, where
+      P[..., i, j] couples position i of `a` with position j of `b`. Its column sums are 1/r
+      up to float32 rounding (they are updated last); its row sums are 1/r once the iterations
+      have converged. No gradient flows through it. Computed in float32 whatever the input dtype.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f'transport_plan needs equal shapes (..., h, w, c); got {a.shape} '
+                         f'and {b.shape}')
+    if a.ndim < 3:
+        raise ValueError(f'transport_plan needs features of shape (..., h, w, c); got {a.shape}')
+    leading = a.shape[:-3]
+    a_positions = _positions(jax.lax.stop_gradient(a).astype(jnp.float32))
+    b_positions = _positions(jax.lax.stop_gradient(b).astype(jnp.float32))
+    num_positions, channels = a_positions.shape[-2:]
+    # One vmap over all leading dimensions flattened into one: batch shapes (), (B,), (B1, B2)
+    # all become (N,).
+    solve = functools.partial(_plan_for_one_pair, epsilon=epsilon, num_iters=num_iters)
+    plans = jax.vmap(solve)(a_positions.reshape(-1, num_positions, channels),
+                            b_positions.reshape(-1, num_positions, channels))
+    return jax.lax.stop_gradient(plans.reshape(*leading, num_positions, num_positions))
+
+
+def apply_plan(plan: jax.Array, b: jax.Array) -> jax.Array:
+    """Eq. (10): the R-weighted combination of `b`'s features at each position of the plan's rows.
+
+    Args:
+      plan: (..., r, r) transport plan, as returned by `transport_plan(a, b)`.
+      b: features of shape (..., h, w, c), h*w = r.
+
+    Returns:
+      (..., h, w, c) array of `b`'s dtype whose position i is sum_j R[i, j] b_j with R = r P.
+      Differentiable in `b` (and in `plan`, which `transport_plan` already stops).
+    """
+    *leading, height, width, channels = b.shape
+    num_positions = height * width
+    if plan.shape[-2:] != (num_positions, num_positions):
+        raise ValueError(f'plan of shape {plan.shape} does not match features of shape {b.shape}')
+    # R = r P* is doubly stochastic (once converged): each row is a convex combination.
+    assignment = num_positions * plan.astype(jnp.float32)
+    # In float32 so a bfloat16 model's mixed features are rounded once, not once per term; the
+    # highest precision because accelerators otherwise round float32 matmul inputs to bf16/tf32.
+    combined = jnp.einsum('...ij,...jc->...ic', assignment,
+                          _positions(b).astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+    return combined.reshape(*leading, height, width, channels).astype(b.dtype)
+
+
+def align(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1, num_iters: int = 100) -> jax.Array:
+    """`a` aligned to `b` (Eq. 10; Eq. 11 is `align(b, a)`), same shape as `a`, dtype of `b`.
+
+    At each position i of `a`: sum_j R[i, j] b_j, with R = r P and P = transport_plan(a, b).
+    Gradients flow into `b` through this combination, never through the plan, so `a` itself gets
+    no gradient from the result. Callers that also need the plan (e.g. to log
+    `marginal_error`) should call `transport_plan` and `apply_plan` to solve only once.
+    """
+    plan = transport_plan(a, b, epsilon=epsilon, num_iters=num_iters)
+    return apply_plan(plan, b)
+
+
+def marginal_error(plan: jax.Array) -> jax.Array:
+    """The largest relative deviation of a row or column sum of `plan` from its target (Eq. 8).
+
+    For an (..., n, m) plan with target row sums 1/n and column sums 1/m, returns, per plan
+    (shape (...)), max(max_i |n sum_j P_ij - 1|, max_j |m sum_i P_ij - 1|). Zero for a plan in
+    U_r; 0.2 means some position carries 20% more or less mass than it should. With the update
+    order of `transport_plan` the column sums are exact up to float32 rounding, so this measures
+    the row sums, i.e. how far the fixed number of Sinkhorn iterations is from convergence.
+    """
+    num_rows, num_cols = plan.shape[-2:]
+    plan = plan.astype(jnp.float32)
+    row_error = jnp.max(jnp.abs(num_rows * jnp.sum(plan, axis=-1) - 1.0), axis=-1)
+    col_error = jnp.max(jnp.abs(num_cols * jnp.sum(plan, axis=-2) - 1.0), axis=-1)
+    return jnp.maximum(row_error, col_error)
