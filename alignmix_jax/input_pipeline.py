@@ -1,0 +1,433 @@
+"""Data: CIFAR from tfds, image folders and the embedded demo subset, held in memory.
+
+This module targets datasets that fit in host memory (CIFAR: 50,000 x 32x32x3 uint8 images are
+150 MB). A dataset is read and decoded once, with tf.data/tfds, into uint8 numpy arrays
+(`Split`, `Dataset`); streaming from disk for ImageNet-scale data will be added later.
+
+- `train_batches` cuts training batches on the host from a permutation per epoch,
+  `np.random.default_rng([seed, epoch]).permutation(n)`, dropping the incomplete last batch.
+  Any step's batch is a function of (seed, step) alone, so a resumed run starting at step k
+  sees exactly the batches an uninterrupted one would, without replaying earlier epochs.
+- `eval_batches` covers every test image once, in order; the last batch is padded and masked so
+  that the jitted evaluation step has a single shape.
+- `augment` (4-pixel zero padding + random crop, horizontal flip) and `normalize` are pure jax
+  functions called inside the jitted train step: augmentation runs on the device, so a GPU is
+  never left waiting for host-side image processing, and the host only ships uint8 batches.
+
+Datasets (`config.dataset.name`):
+- 'cifar10', 'cifar100': tfds, prepared in `data_dir` (downloaded there if `download` is set).
+- 'image_folder': `data_dir/{train,test}/<class>/<image>`; labels are the indices of the sorted
+  class folder names of train; all images must have the same size.
+- 'demo': 500 training and 100 test images per class of CIFAR-10, shipped in
+  `alignmix_jax/demo_data/cifar10_demo.npz` as their original JPEG bytes.
+
+A dataset that cannot be found raises `DatasetNotFoundError` with one line saying what to do.
+TensorFlow is imported only when a dataset is loaded, quietly and with no GPU visible to it.
+"""
+
+import dataclasses
+import os
+import pathlib
+import re
+import socket
+import urllib.request
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+
+DEMO_DATA_PATH = pathlib.Path(__file__).resolve().parent / 'demo_data' / 'cifar10_demo.npz'
+
+# The training subset must be the same whatever the run's seed, so it has its own fixed seed.
+_SUBSET_SEED = 0
+# Where tfds downloads CIFAR from (tensorflow_datasets/image_classification/cifar.py). Offline,
+# tfds retries a download ten times with exponential backoff (over three minutes); probing the
+# host first turns that into an immediate error.
+_TFDS_DOWNLOAD_HOSTS = {'cifar10': 'www.cs.toronto.edu', 'cifar100': 'www.cs.toronto.edu'}
+_PROBE_TIMEOUT_SECONDS = 10.0
+_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+_SPLITS = ('train', 'test')
+
+
+class DatasetError(Exception):
+    """The dataset cannot be used as configured; the message says why and what to do."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset is not where the config says and could not be fetched."""
+
+
+# eq=False: the generated __eq__ would compare numpy arrays, whose truth value is ambiguous.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split in memory: `images` uint8 (n, h, w, 3), `labels` int32 (n,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(f'images must be uint8 (n, h, w, 3), got {self.images.dtype} '
+                             f'{self.images.shape}')
+        if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(f'labels must be int32 ({len(self.images)},), got '
+                             f'{self.labels.dtype} {self.labels.shape}')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Both splits in memory; label i is `class_names[i]`."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
+    """Reads the dataset named by `config.dataset` into memory (see the module docstring)."""
+    name = dataset_config.name
+    if name in _TFDS_DOWNLOAD_HOSTS:
+        dataset = _load_tfds(name, dataset_config.data_dir, download=dataset_config.download)
+    elif name == 'image_folder':
+        dataset = _load_image_folder(dataset_config.data_dir)
+    elif name == 'demo':
+        dataset = _load_demo(DEMO_DATA_PATH)
+    else:
+        raise ValueError(f'unknown dataset {name!r}; expected one of '
+                         f'{sorted(_TFDS_DOWNLOAD_HOSTS) + ["image_folder", "demo"]}')
+    if dataset_config.train_subset:
+        train = _class_balanced_subset(dataset.train, dataset_config.train_subset)
+        dataset = dataclasses.replace(dataset, train=train)
+    return dataset
+
+
+def _class_balanced_subset(split: Split, size: int) -> Split:
+    """A fixed random subset of `size` examples whose class counts differ by at most one.
+
+    (As long as every class has enough examples; otherwise the rarer classes are used up.)
+    """
+    num_examples = len(split.labels)
+    if not 0 < size <= num_examples:
+        raise ValueError(f'train_subset must be in [0, {num_examples}], got {size}')
+    order = np.random.default_rng(_SUBSET_SEED).permutation(num_examples)
+    ordered_labels = split.labels[order]
+    # Rank of each example among those of its class in the random order: taking examples by
+    # increasing rank takes one of each class in turn.
+    rank_in_class = np.empty(num_examples, np.int64)
+    for label in np.unique(ordered_labels):
+        members = np.flatnonzero(ordered_labels == label)
+        rank_in_class[members] = np.arange(len(members))
+    by_rank = np.lexsort((np.arange(num_examples), rank_in_class))
+    chosen = np.sort(order[by_rank[:size]])
+    return Split(images=split.images[chosen], labels=split.labels[chosen])
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Training batches per epoch: the incomplete last batch is dropped."""
+    if batch_size <= 0 or num_examples < batch_size:
+        raise ValueError(f'batch size {batch_size} must be in [1, {num_examples}] (the number '
+                         'of training images)')
+    return num_examples // batch_size
+
+
+def train_batches(split: Split, batch_size: int, *, seed: int,
+                  start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (images, labels) batches: step s is batch s mod S of epoch s div S, where S is
+    `steps_per_epoch(n, batch_size)`.
+
+    Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(n)`.
+    Starting at `start_step` yields what an iterator started at 0 yields from that step on.
+    """
+    num_examples = len(split.labels)
+    batches_per_epoch = steps_per_epoch(num_examples, batch_size)
+    epoch, first_batch = divmod(start_step, batches_per_epoch)
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        for batch in range(first_batch, batches_per_epoch):
+            indices = order[batch * batch_size:(batch + 1) * batch_size]
+            yield split.images[indices], split.labels[indices]
+        epoch, first_batch = epoch + 1, 0
+
+
+def eval_batches(split: Split,
+                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, mask) batches covering the split once, in order.
+
+    The last batch is padded to `batch_size` with zero images (label 0, mask False), so every
+    batch has the same shape and a masked metric counts every image exactly once.
+    """
+    num_examples = len(split.labels)
+    for start in range(0, num_examples, batch_size):
+        images = split.images[start:start + batch_size]
+        labels = split.labels[start:start + batch_size]
+        mask = np.ones(len(labels), bool)
+        padding = batch_size - len(labels)
+        if padding:
+            images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), np.uint8)])
+            labels = np.concatenate([labels, np.zeros(padding, np.int32)])
+            mask = np.concatenate([mask, np.zeros(padding, bool)])
+        yield images, labels, mask
+
+
+def augment(key: jax.Array, images: jax.Array, *, padding: int = 4,
+            flip: bool = True) -> jax.Array:
+    """Random crop of the zero-padded image and random horizontal flip, per example.
+
+    As torchvision's RandomCrop(size, padding=padding) + RandomHorizontalFlip(): crop offsets
+    are uniform in [0, 2 * padding] on each axis, flips have probability 1/2. `images` is a
+    uint8 (b, h, w, c) batch; the result has the same shape and dtype.
+    """
+    batch_size, height, width, channels = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    if padding > 0:
+        padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        offsets = jax.random.randint(crop_key, (batch_size, 2), 0, 2 * padding + 1)
+
+        def crop(image, offset):
+            return lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
+        images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        flipped = jax.random.bernoulli(flip_key, 0.5, (batch_size,))
+        images = jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images)
+    return images
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """(images / 255 - mean) / std per channel, in float32, for uint8 (..., c) images.
+
+    `mean` and `std` are constants (config values), not traced arrays.
+    """
+    if images.dtype != jnp.uint8:
+        raise TypeError(f'normalize takes uint8 images, got {images.dtype}')
+    num_channels = images.shape[-1]
+    # A uint8 pixel takes 256 values, so a table computed in float64 gives the correctly rounded
+    # result, the same eagerly, under jit and on any backend; float32 arithmetic would not be:
+    # XLA turns division by a constant into multiplication by its reciprocal (off by an ulp).
+    levels = np.arange(256, dtype=np.float64)[None, :]
+    table = (levels / 255 - np.asarray(mean, np.float64)[:, None]) \
+        / np.asarray(std, np.float64)[:, None]
+    flat_table = jnp.asarray(table.astype(np.float32).reshape(num_channels * 256))
+    channel_offsets = 256 * jnp.arange(num_channels, dtype=jnp.int32)
+    return flat_table[jnp.asarray(images).astype(jnp.int32) + channel_offsets]
+
+
+def _import_tensorflow():
+    """TensorFlow for reading data only: quiet, and with no GPU (that memory is JAX's)."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    # Silences the oneDNN banner printed on import; oneDNN only speeds up TF's own math, and
+    # TF does none here beyond decoding images.
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:
+        pass  # TF's devices were initialised earlier, by code that had its own say on GPUs.
+    return tf
+
+
+def _not_found_message(name: str, location: str, reason: str) -> str:
+    return (f'{name} is not prepared in {location} and could not be downloaded ({reason}): run '
+            f'`tfds build {name} --data_dir=DIR` on a machine with internet and pass '
+            '--config.dataset.data_dir=DIR, or train on an image folder with '
+            '--config.dataset.name=image_folder --config.dataset.data_dir=PATH')
+
+
+def _short_reason(error: BaseException) -> str:
+    # TensorFlow prefixes its messages with the graph node, as {{function_node ...}}.
+    message = re.sub(r'\{\{.*?\}\}\s*', '', str(error))
+    lines = message.strip().splitlines()
+    first_line = lines[0] if lines else ''
+    if len(first_line) > 160:
+        first_line = first_line[:157] + '...'
+    return f'{type(error).__name__}: {first_line}' if first_line else type(error).__name__
+
+
+def _unreachable_reason(host: str) -> str | None:
+    """Why `host` cannot be reached on port 443, or None if it can (or a proxy is in use)."""
+    if urllib.request.getproxies().get('https'):
+        return None  # Only the proxy knows; let tfds try.
+    try:
+        with socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_SECONDS):
+            return None
+    except OSError as error:
+        return f'{host} is unreachable: {error}'
+
+
+def _load_tfds(name: str, data_dir: str | None, *, download: bool) -> Dataset:
+    _import_tensorflow()  # Configured before tfds starts TensorFlow.
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        if not download:
+            reason = 'downloading is off: --config.dataset.download=False'
+        else:
+            reason = _unreachable_reason(_TFDS_DOWNLOAD_HOSTS[name])
+        if reason is not None:
+            raise DatasetNotFoundError(_not_found_message(name, builder.data_dir, reason))
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # Whatever failed, the remedy is the same.
+            raise DatasetNotFoundError(
+                _not_found_message(name, builder.data_dir, _short_reason(error))) from error
+
+    def read_split(split_name: str) -> Split:
+        examples = builder.as_dataset(split=split_name, as_supervised=True, shuffle_files=False)
+        image_batches, label_batches = [], []
+        for images, labels in examples.batch(10_000).as_numpy_iterator():
+            image_batches.append(images)
+            label_batches.append(labels)
+        return Split(images=np.concatenate(image_batches).astype(np.uint8),
+                     labels=np.concatenate(label_batches).astype(np.int32))
+
+    label_feature = builder.info.features['label']
+    return Dataset(train=read_split('train'), test=read_split('test'),
+                   num_classes=label_feature.num_classes,
+                   class_names=tuple(label_feature.names))
+
+
+def _decode_images(encoded_or_paths: Sequence[bytes] | Sequence[str], names: Sequence[str],
+                   where: str, *, from_files: bool) -> np.ndarray:
+    """Decodes encoded images (JPEG, PNG, ...), or the image files at the given paths, into one
+    uint8 (n, h, w, 3) array with tf.data. All must have the size of the first; `names` name
+    them in error messages.
+    """
+    tf = _import_tensorflow()
+
+    # Plain graph code: no Python control flow for autograph to convert.
+    @tf.autograph.experimental.do_not_convert
+    def decode(source):
+        data = tf.io.read_file(source) if from_files else source
+        # TF decodes JPEG with libjpeg's fast integer DCT unless told otherwise; the accurate
+        # one gives the pixels PIL (and so torchvision's loaders) give, to the last bit.
+        return tf.cond(
+            tf.io.is_jpeg(data),
+            lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+            lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+
+    try:
+        expected_shape = tuple(decode(tf.constant(encoded_or_paths[0])).shape)
+    except tf.errors.OpError as error:
+        raise DatasetError(f'{names[0]} could not be read as an image '
+                           f'({_short_reason(error)})') from error
+
+    @tf.autograph.experimental.do_not_convert
+    def decode_to_expected_shape(index, source):
+        image = decode(source)
+        shape = tf.shape(image)
+        # A differently sized image would break batching with an obscure error: put zeros in
+        # its place, and report it by name below.
+        fits = tf.reduce_all(tf.equal(shape, expected_shape))
+        image = tf.cond(fits, lambda: image, lambda: tf.zeros(expected_shape, tf.uint8))
+        return index, tf.ensure_shape(image, expected_shape), shape
+
+    sources = tf.data.Dataset.from_tensor_slices(list(encoded_or_paths))
+    decoded = (tf.data.Dataset.zip(tf.data.Dataset.range(len(names)), sources)
+               .map(decode_to_expected_shape, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+               # Broken files are dropped here and named below from the missing indices, as
+               # TF's own error would not say which file it was.
+               .ignore_errors()
+               .batch(4096))
+    index_batches, image_batches, shape_batches = [], [], []
+    for indices, images, shapes in decoded.as_numpy_iterator():
+        index_batches.append(indices)
+        image_batches.append(images)
+        shape_batches.append(shapes)
+    missing = np.setdiff1d(np.arange(len(names)), np.concatenate(index_batches))
+    if len(missing):
+        raise DatasetError(f'{names[missing[0]]} could not be read as an image (not a decodable '
+                           f'image file); {len(missing)} of the {len(names)} images of {where} '
+                           'could not')
+    shapes = np.concatenate(shape_batches)
+    misfits = np.flatnonzero(np.any(shapes != expected_shape, axis=1))
+    if len(misfits):
+        height, width, _ = shapes[misfits[0]]
+        raise DatasetError(
+            f'{names[misfits[0]]} is {height}x{width} but {names[0]} is '
+            f'{expected_shape[0]}x{expected_shape[1]}: all images of {where} must have the same '
+            f'size ({len(misfits)} differ)')
+    return np.concatenate(image_batches)
+
+
+def _list_class_folders(split_dir: pathlib.Path) -> dict[str, list[str]]:
+    """Paths of the image files of each class folder of a split, sorted by name."""
+    if not split_dir.is_dir():
+        raise DatasetNotFoundError(
+            f'image folder split {split_dir} does not exist: expected '
+            f'{split_dir.parent}/{{train,test}}/<class>/<image>')
+    # os.scandir knows file types from the directory listing: no stat call per image.
+    class_dirs = sorted((entry for entry in os.scandir(split_dir)
+                         if entry.is_dir() and not entry.name.startswith('.')),
+                        key=lambda entry: entry.name)
+    files_by_class = {}
+    for class_dir in class_dirs:
+        files = sorted(entry.path for entry in os.scandir(class_dir.path)
+                       if entry.is_file() and entry.name.lower().endswith(_IMAGE_SUFFIXES))
+        if not files:
+            raise DatasetNotFoundError(
+                f'class folder {class_dir.path} holds no images ({", ".join(_IMAGE_SUFFIXES)})')
+        files_by_class[class_dir.name] = files
+    if not files_by_class:
+        raise DatasetNotFoundError(
+            f'image folder split {split_dir} holds no class folders: expected '
+            f'{split_dir}/<class>/<image>')
+    return files_by_class
+
+
+def _load_image_folder(data_dir: str | None) -> Dataset:
+    if not data_dir:
+        raise DatasetNotFoundError('image_folder needs the folder: pass '
+                                   '--config.dataset.data_dir=PATH with PATH/{train,test}/'
+                                   '<class>/<image>')
+    root = pathlib.Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(f'image folder {root} does not exist: pass '
+                                   '--config.dataset.data_dir=PATH with PATH/{train,test}/'
+                                   '<class>/<image>')
+    files_by_split = {split: _list_class_folders(root / split) for split in _SPLITS}
+    class_names = tuple(files_by_split['train'])
+    test_class_names = tuple(files_by_split['test'])
+    if test_class_names != class_names:
+        only_train = sorted(set(class_names) - set(test_class_names))
+        only_test = sorted(set(test_class_names) - set(class_names))
+        raise DatasetError(f'{root}/train and {root}/test must have the same class folders; '
+                           f'only in train: {only_train}, only in test: {only_test}')
+    splits = {}
+    for split, files_by_class in files_by_split.items():
+        paths = [path for files in files_by_class.values() for path in files]
+        labels = np.concatenate([np.full(len(files), label, np.int32)
+                                 for label, files in enumerate(files_by_class.values())])
+        images = _decode_images(paths, paths, where=str(root / split), from_files=True)
+        splits[split] = Split(images=images, labels=labels)
+    return Dataset(train=splits['train'], test=splits['test'], num_classes=len(class_names),
+                   class_names=class_names)
+
+
+def _load_demo(path: pathlib.Path) -> Dataset:
+    """The embedded subset built by `alignmix_jax.demo_data.build`."""
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f'the demo data {path} is missing: rebuild it with `python -m '
+            'alignmix_jax.demo_data.build --source ../shared/data/cifar10-jpeg`')
+    with np.load(path, allow_pickle=False) as archive:
+        contents = {key: archive[key] for key in archive.files}
+    splits = {}
+    for split in _SPLITS:
+        jpeg_bytes = contents[f'{split}_jpeg_bytes']
+        offsets = contents[f'{split}_offsets']
+        encoded_images = [jpeg_bytes[start:end].tobytes()
+                          for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+        names = [f'{path.name}:{split}[{index}]' for index in range(len(encoded_images))]
+        images = _decode_images(encoded_images, names, where=f'{path} ({split})',
+                                from_files=False)
+        splits[split] = Split(images=images, labels=contents[f'{split}_labels'].astype(np.int32))
+    class_names = tuple(str(name) for name in contents['class_names'])
+    return Dataset(train=splits['train'], test=splits['test'], num_classes=len(class_names),
+                   class_names=class_names)

@@ -1,0 +1,316 @@
+"""The input pipeline: loaders against PIL, batch order and resumption, device augmentation."""
+
+import os
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from alignmix_jax import input_pipeline
+from configs import default
+
+CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg'
+SLICE_CLASSES = ('cat', 'airplane', 'bird')  # listed unsorted: labels must follow sorted names
+SLICE_SIZES = {'train': 4, 'test': 3}
+
+
+def dataset_config(**fields):
+    config = default.get_config().dataset
+    config.update(fields)
+    return config
+
+
+def pil_decode(path):
+    return np.asarray(Image.open(path).convert('RGB'))
+
+
+def random_split(num_examples, seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (num_examples, size, size, 3), dtype=np.uint8)
+    # Each image carries its index in its first pixels, so batches can be traced back.
+    images[:, 0, 0, 0] = np.arange(num_examples) % 256
+    images[:, 0, 0, 1] = np.arange(num_examples) // 256
+    return input_pipeline.Split(images=images,
+                                labels=rng.integers(0, 10, num_examples).astype(np.int32))
+
+
+def example_indices(images):
+    return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
+
+
+@pytest.fixture(scope='module')
+def cifar_slice(tmp_path_factory):
+    """3 classes of the shared CIFAR-10 JPEGs: 4 training and 3 test images each (symlinks)."""
+    root = tmp_path_factory.mktemp('cifar_slice')
+    for split, count in SLICE_SIZES.items():
+        for class_name in SLICE_CLASSES:
+            class_dir = root / split / class_name
+            class_dir.mkdir(parents=True)
+            sources = sorted((CIFAR10_JPEG / split / class_name).iterdir())[:count]
+            for source in sources:
+                (class_dir / source.name).symlink_to(source)
+    return root
+
+
+@pytest.fixture(scope='module')
+def demo_dataset():
+    return input_pipeline.load_dataset(dataset_config(name='demo'))
+
+
+def test_image_folder_gives_sorted_labels_and_the_pixels_pil_decodes(cifar_slice):
+    dataset = input_pipeline.load_dataset(
+        dataset_config(name='image_folder', data_dir=str(cifar_slice)))
+    assert dataset.class_names == ('airplane', 'bird', 'cat')
+    assert dataset.num_classes == 3
+    for split_name, split in (('train', dataset.train), ('test', dataset.test)):
+        count = SLICE_SIZES[split_name]
+        assert split.images.shape == (3 * count, 32, 32, 3)
+        assert split.images.dtype == np.uint8
+        assert split.labels.dtype == np.int32
+        np.testing.assert_array_equal(split.labels, np.repeat([0, 1, 2], count))
+        paths = [path for class_name in dataset.class_names
+                 for path in sorted((cifar_slice / split_name / class_name).iterdir())]
+        expected = np.stack([pil_decode(path) for path in paths])
+        # TensorFlow and PIL both decode with libjpeg's default (islow) DCT: identical pixels.
+        np.testing.assert_array_equal(split.images, expected)
+
+
+def test_image_folder_rejects_mixed_sizes_other_classes_and_broken_files(tmp_path):
+    mixed = tmp_path / 'mixed'
+    for split in ('train', 'test'):
+        (mixed / split / 'airplane').mkdir(parents=True)
+        (mixed / split / 'airplane' / 'a.jpg').symlink_to(
+            CIFAR10_JPEG / split / 'airplane' / '0000.jpg')
+    Image.new('RGB', (16, 20)).save(mixed / 'test' / 'airplane' / 'b.png')
+    with pytest.raises(input_pipeline.DatasetError, match=r'b\.png is 20x16 but .*a\.jpg is '
+                       r'32x32: all images of .*test must have the same size \(1 differ\)'):
+        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
+
+    (mixed / 'train' / 'ship').mkdir()
+    (mixed / 'train' / 'ship' / 'c.jpg').symlink_to(CIFAR10_JPEG / 'train' / 'ship' / '0000.jpg')
+    with pytest.raises(input_pipeline.DatasetError,
+                       match=r"only in train: \['ship'\], only in test: \[\]"):
+        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
+
+    (mixed / 'test' / 'airplane' / 'b.png').unlink()
+    (mixed / 'test' / 'ship').mkdir()
+    (mixed / 'test' / 'ship' / 'd.jpg').write_bytes(b'not an image')
+    with pytest.raises(input_pipeline.DatasetError,
+                       match=r'ship/d\.jpg could not be read as an image \(not a decodable '
+                             r'image file\); 1 of the 2 images of .*test could not'):
+        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
+
+
+def test_missing_image_folder_or_split_is_a_clear_not_found_error(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(input_pipeline.DatasetNotFoundError,
+                       match=r'image folder .*nowhere does not exist: pass '
+                             r'--config\.dataset\.data_dir=PATH'):
+        input_pipeline.load_dataset(
+            dataset_config(name='image_folder', data_dir=str(tmp_path / 'nowhere')))
+    (tmp_path / 'train' / 'airplane').mkdir(parents=True)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=r'class folder .*airplane '
+                                                                  r'holds no images'):
+        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
+    (tmp_path / 'train' / 'airplane' / 'a.jpg').symlink_to(
+        CIFAR10_JPEG / 'train' / 'airplane' / '0000.jpg')
+    with pytest.raises(input_pipeline.DatasetNotFoundError,
+                       match=r'image folder split .*test does not exist'):
+        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
+    assert time.monotonic() - started < 5
+    # main.py prints DatasetNotFoundError as one line; it is also a FileNotFoundError.
+    assert issubclass(input_pipeline.DatasetNotFoundError, FileNotFoundError)
+
+
+@pytest.mark.parametrize('download', [False, True])
+def test_unprepared_tfds_dataset_fails_fast_with_one_line_saying_what_to_do(tmp_path,
+                                                                            monkeypatch,
+                                                                            download):
+    # The test never reaches out: the probe of the CIFAR host meets a network that refuses.
+    # Without the probe, tfds alone would retry for over three minutes before failing.
+    def refuse(address, *args, **kwargs):
+        raise OSError(f'no route to {address[0]} (test)')
+
+    monkeypatch.setattr(input_pipeline.socket, 'create_connection', refuse)
+    monkeypatch.delenv('https_proxy', raising=False)
+    monkeypatch.delenv('HTTPS_PROXY', raising=False)
+    started = time.monotonic()
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as raised:
+        input_pipeline.load_dataset(
+            dataset_config(name='cifar10', data_dir=str(tmp_path), download=download))
+    assert time.monotonic() - started < 15
+    message = str(raised.value)
+    assert '\n' not in message
+    assert message.startswith(f'cifar10 is not prepared in {tmp_path}')
+    assert ('downloading is off' in message) != download
+    assert ('www.cs.toronto.edu is unreachable' in message) == download
+    assert message.endswith(
+        'run `tfds build cifar10 --data_dir=DIR` on a machine with internet and pass '
+        '--config.dataset.data_dir=DIR, or train on an image folder with '
+        '--config.dataset.name=image_folder --config.dataset.data_dir=PATH')
+
+
+def test_prepared_tfds_dataset_becomes_uint8_and_int32_arrays(monkeypatch):
+    # The real cifar10 cannot be prepared offline; tfds' mock serves random examples instead.
+    with tfds.testing.mock_data(num_examples=7):
+        monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda builder: True)
+        dataset = input_pipeline.load_dataset(dataset_config(name='cifar10', download=False))
+    assert dataset.num_classes == 10
+    # tfds reads CIFAR's class names from the downloaded files; unprepared, they are indices.
+    assert dataset.class_names == tuple(str(label) for label in range(10))
+    for split in (dataset.train, dataset.test):
+        assert split.images.shape == (7, 32, 32, 3)
+        assert split.images.dtype == np.uint8
+        assert split.labels.dtype == np.int32
+        assert set(split.labels.tolist()) <= set(range(10))
+
+
+def test_demo_file_is_small_balanced_and_holds_the_original_jpeg_bytes(demo_dataset):
+    assert input_pipeline.DEMO_DATA_PATH.stat().st_size <= 10 * 2**20
+    assert demo_dataset.num_classes == 10
+    assert demo_dataset.class_names == tuple(sorted(os.listdir(CIFAR10_JPEG / 'train')))
+    assert demo_dataset.train.images.shape == (5000, 32, 32, 3)
+    assert demo_dataset.test.images.shape == (1000, 32, 32, 3)
+    assert Counter(demo_dataset.train.labels.tolist()) == {label: 500 for label in range(10)}
+    assert Counter(demo_dataset.test.labels.tolist()) == {label: 100 for label in range(10)}
+    # Image 501 of the training split is the second file of the second class, byte for byte.
+    with np.load(input_pipeline.DEMO_DATA_PATH) as archive:
+        start, end = archive['train_offsets'][501:503]
+        stored = archive['train_jpeg_bytes'][start:end].tobytes()
+    source = CIFAR10_JPEG / 'train' / 'automobile' / '0001.jpg'
+    assert stored == source.read_bytes()
+    np.testing.assert_array_equal(demo_dataset.train.images[501], pil_decode(source))
+    # The archive was written with fixed timestamps, so rebuilding it changes no byte.
+    with zipfile.ZipFile(input_pipeline.DEMO_DATA_PATH) as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_train_subset_is_fixed_class_balanced_and_leaves_test_whole(demo_dataset):
+    config = dataset_config(name='demo', train_subset=64)
+    subset = input_pipeline.load_dataset(config).train
+    again = input_pipeline.load_dataset(config).train
+    np.testing.assert_array_equal(subset.images, again.images)
+    counts = Counter(subset.labels.tolist())
+    assert sorted(counts.values()) == [6] * 6 + [7] * 4
+    # Every chosen example is a distinct training image with its own label.
+    full = demo_dataset.train
+    flat_full = full.images.reshape(len(full.images), -1)
+    for image, label in zip(subset.images, subset.labels, strict=True):
+        matches = np.flatnonzero(np.all(flat_full == image.reshape(-1), axis=1))
+        assert len(matches) == 1 and full.labels[matches[0]] == label
+    assert len({image.tobytes() for image in subset.images}) == 64
+
+
+def test_normalize_is_the_per_channel_formula_exactly():
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    compiled = jax.jit(input_pipeline.normalize, static_argnums=(1, 2))
+    for value in range(256):
+        images = np.full((2, 4, 4, 3), value, np.uint8)
+        # The formula in float64, rounded once to float32.
+        expected = ((value / 255 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+        for normalize in (input_pipeline.normalize, compiled):
+            normalized = np.asarray(normalize(jnp.asarray(images), mean, std))
+            assert normalized.dtype == np.float32
+            np.testing.assert_array_equal(normalized, np.broadcast_to(expected, images.shape))
+    mixed = np.asarray([[[[0, 128, 255]]]], np.uint8)
+    np.testing.assert_array_equal(
+        compiled(mixed, mean, std)[0, 0, 0],
+        np.asarray([(0 / 255 - mean[0]) / std[0], (128 / 255 - mean[1]) / std[1],
+                    (255 / 255 - mean[2]) / std[2]], np.float32))
+
+
+def candidate_windows(image, padding):
+    """Every crop of the zero-padded image, flipped or not: {bytes: (dy, dx, flipped)}."""
+    height, width, _ = image.shape
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    windows = {}
+    for dy in range(2 * padding + 1):
+        for dx in range(2 * padding + 1):
+            window = padded[dy:dy + height, dx:dx + width]
+            windows[window.tobytes()] = (dy, dx, False)
+            windows[window[:, ::-1].tobytes()] = (dy, dx, True)
+    return windows
+
+
+def test_augment_crops_a_window_of_the_padded_image_and_flips_half_the_time():
+    image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
+    windows = candidate_windows(image, padding=4)
+    assert len(windows) == 2 * 81  # all distinct, so each output names its crop and flip
+    batch = np.broadcast_to(image, (2000, 32, 32, 3))
+    augment = jax.jit(input_pipeline.augment, static_argnames=('padding', 'flip'))
+    augmented = np.asarray(augment(jax.random.PRNGKey(7), batch, padding=4, flip=True))
+    assert augmented.shape == batch.shape and augmented.dtype == np.uint8
+    draws = [windows[example.tobytes()] for example in augmented]  # KeyError: not a window
+    assert {dy for dy, _, _ in draws} == set(range(9))
+    assert {dx for _, dx, _ in draws} == set(range(9))
+    assert 900 <= sum(flipped for _, _, flipped in draws) <= 1100  # Binomial(2000, 1/2)
+    np.testing.assert_array_equal(
+        augmented, augment(jax.random.PRNGKey(7), batch, padding=4, flip=True))
+    # Across keys, one example also takes every offset.
+    per_key = [windows[np.asarray(augment(jax.random.PRNGKey(seed), batch[:1])).tobytes()]
+               for seed in range(300)]
+    assert {dy for dy, _, _ in per_key} == {dx for _, dx, _ in per_key} == set(range(9))
+    assert 100 <= sum(flipped for _, _, flipped in per_key) <= 200
+
+
+def test_augment_without_padding_or_flip_is_the_identity():
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        input_pipeline.augment(jax.random.PRNGKey(0), images, padding=0, flip=False), images)
+
+
+def test_eval_batches_cover_every_image_once_with_one_shape():
+    split = random_split(1003)
+    seen_indices, seen_labels = [], []
+    num_batches = 0
+    for images, labels, mask in input_pipeline.eval_batches(split, 128):
+        assert images.shape == (128, 8, 8, 3) and labels.shape == mask.shape == (128,)
+        assert not images[~mask].any()
+        seen_indices.append(example_indices(images[mask]))
+        seen_labels.append(labels[mask])
+        num_batches += 1
+    assert num_batches == 8
+    np.testing.assert_array_equal(np.concatenate(seen_indices), np.arange(1003))
+    np.testing.assert_array_equal(np.concatenate(seen_labels), split.labels)
+
+
+def test_train_batches_are_epoch_permutations_and_resume_exactly():
+    split = random_split(1003)
+    batch_size = 100
+    assert input_pipeline.steps_per_epoch(1003, batch_size) == 10
+    batches = input_pipeline.train_batches(split, batch_size, seed=5)
+    steps = [next(batches) for _ in range(25)]
+    for images, labels in steps:
+        assert images.shape == (100, 8, 8, 3) and labels.shape == (100,)
+        np.testing.assert_array_equal(labels, split.labels[example_indices(images)])
+    for epoch in (0, 1):
+        visited = np.concatenate([example_indices(images)
+                                  for images, _ in steps[10 * epoch:10 * (epoch + 1)]])
+        expected_order = np.random.default_rng([5, epoch]).permutation(1003)
+        np.testing.assert_array_equal(visited, expected_order[:1000])
+        assert len(set(visited.tolist())) == 1000
+    assert not np.array_equal(example_indices(steps[0][0]), example_indices(steps[10][0]))
+    # Resuming mid-epoch 0 and right at the start of epoch 2 gives the same batches.
+    for start_step in (7, 20):
+        resumed = input_pipeline.train_batches(split, batch_size, seed=5, start_step=start_step)
+        for step in range(start_step, 25):
+            images, labels = next(resumed)
+            np.testing.assert_array_equal(images, steps[step][0])
+            np.testing.assert_array_equal(labels, steps[step][1])
+    other_seed = next(input_pipeline.train_batches(split, batch_size, seed=6))[0]
+    assert not np.array_equal(other_seed, steps[0][0])
+
+
+def test_a_batch_larger_than_the_split_is_refused():
+    with pytest.raises(ValueError, match=r'batch size 128 must be in \[1, 100\]'):
+        input_pipeline.steps_per_epoch(100, 128)
+    with pytest.raises(ValueError, match=r'batch size 128'):
+        next(input_pipeline.train_batches(random_split(100), 128, seed=0))
+
