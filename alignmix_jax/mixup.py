@@ -1,0 +1,76 @@
+"""Mixup of inputs, embeddings and aligned feature tensors (Algorithm 1 of the paper).
+
+Pure functions on arrays: the train step composes them with the model's stages
+F: x -> A, f: A -> e and g: e -> logits. One permutation pi and one lambda are drawn per
+mini-batch (Algorithm 1, lines 1 and 9), and every mode mixes example i with example pi(i).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from alignmix_jax import alignment
+
+# 'feature_prime' is Algorithm 1's feat': the feature mode with the pair (and the labels) swapped,
+# so that A' is aligned to A and mixed by Eq. (13) instead of Eq. (12).
+MODES = ('input', 'embedding', 'feature', 'feature_prime')
+FEATURE_MODES = ('feature', 'feature_prime')
+
+
+def validate_modes(modes) -> tuple[str, ...]:
+    """Returns `modes` as a tuple, or raises a one-line error naming the unknown ones."""
+    modes = tuple(modes)
+    unknown = [mode for mode in modes if mode not in MODES]
+    if not modes or unknown:
+        raise ValueError(
+            f'config.mixup.modes must be a non-empty list of {MODES}; got {modes}')
+    return modes
+
+
+def sample_pairing(key: jax.Array, batch_size: int, alpha: float):
+    """Algorithm 1, lines 1 and 9: a random permutation of the batch and lambda ~ Beta(a, a)."""
+    permutation_key, lam_key = jax.random.split(key)
+    permutation = jax.random.permutation(permutation_key, batch_size)
+    lam = jax.random.beta(lam_key, alpha, alpha)
+    return permutation, lam
+
+
+def mix(u: jax.Array, v: jax.Array, lam: jax.Array) -> jax.Array:
+    """Eq. (2): mix_lambda(u, v) = lambda u + (1 - lambda) v, in the dtype of `u`."""
+    lam = jnp.asarray(lam, u.dtype)
+    return lam * u + (1 - lam) * v
+
+
+def pair(values: jax.Array, permutation: jax.Array, *, swap: bool = False):
+    """The pairs (v, v') = (v_i, v_pi(i)) of Algorithm 1 line 10, or (v', v) if `swap` (line 17)."""
+    partners = values[permutation]
+    return (partners, values) if swap else (values, partners)
+
+
+def mixed_targets(one_hot: jax.Array, permutation: jax.Array, lam: jax.Array, *,
+                  swap: bool = False) -> jax.Array:
+    """Eq. (1): the soft target mix_lambda(y, y') of the pair (y, y') (swapped for feat')."""
+    return mix(*pair(one_hot, permutation, swap=swap), lam)
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Eq. (6): per-example cross-entropy of softmax(logits) against soft targets, in float32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(targets * log_probs, axis=-1)
+
+
+def mix_features(features: jax.Array, permutation: jax.Array, lam: jax.Array, *,
+                 swap: bool, align: bool, epsilon: float, num_iters: int):
+    """Mixes the feature tensors A (b, h, w, c) of each pair, aligned or not.
+
+    Without swap, A is mixed with A aligned to A' (Eq. 12); with swap, the pair is swapped
+    first (Algorithm 1, line 17), so A' is mixed with A' aligned to A (Eq. 13). Returns the
+    mixed tensor and the transport plans (b, r, r), or None when `align` is False (the
+    unaligned rows of the paper's Table 8 mix A and A' directly).
+    """
+    anchor, partner = pair(features, permutation, swap=swap)
+    if not align:
+        return mix(anchor, partner, lam), None
+    plan = alignment.transport_plan(anchor, partner, epsilon=epsilon, num_iters=num_iters)
+    # Eq. (10): the anchor aligned to its partner, A~ = A' R^T (no gradient through the plan).
+    aligned_partner = alignment.apply_plan(plan, partner)
+    return mix(anchor, aligned_partner, lam), plan

@@ -1,0 +1,119 @@
+"""Mixing semantics of Algorithm 1: the pairs, lambda, labels, the loss and the feature modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alignmix_jax import alignment, mixup
+
+ALIGN = dict(align=True, epsilon=0.1, num_iters=100)
+
+
+def random_features(seed=0, shape=(6, 4, 4, 8)):
+    return jax.nn.relu(jax.random.normal(jax.random.PRNGKey(seed), shape))
+
+
+def test_sample_pairing_is_a_permutation_and_a_beta_draw():
+    permutation, lam = mixup.sample_pairing(jax.random.PRNGKey(3), 32, 2.0)
+    assert sorted(np.asarray(permutation).tolist()) == list(range(32))
+    assert 0.0 < float(lam) < 1.0
+    again, lam_again = mixup.sample_pairing(jax.random.PRNGKey(3), 32, 2.0)
+    np.testing.assert_array_equal(permutation, again)
+    assert float(lam) == float(lam_again)
+    # Beta(2, 2) has mean 1/2 and variance 1/20.
+    lams = jax.vmap(lambda key: mixup.sample_pairing(key, 4, 2.0)[1])(
+        jax.random.split(jax.random.PRNGKey(0), 20000))
+    assert abs(float(jnp.mean(lams)) - 0.5) < 0.01
+    assert abs(float(jnp.var(lams)) - 0.05) < 0.003
+
+
+@pytest.mark.parametrize('lam, expected_side', [(1.0, 0), (0.0, 1)])
+def test_mix_endpoints_give_back_each_side(lam, expected_side):
+    u, v = jnp.arange(6.0), -jnp.arange(6.0) - 1
+    np.testing.assert_array_equal(mixup.mix(u, v, lam), (u, v)[expected_side])
+
+
+def test_mix_is_eq_2_and_keeps_the_dtype():
+    u, v = jnp.ones(3, jnp.bfloat16), jnp.zeros(3, jnp.bfloat16)
+    mixed = mixup.mix(u, v, jnp.float32(0.25))
+    assert mixed.dtype == jnp.bfloat16
+    np.testing.assert_allclose(mixup.mix(jnp.full(3, 2.0), jnp.full(3, 6.0), 0.25), 5.0)
+
+
+def test_mixed_targets_follow_eq_1_and_sum_to_one():
+    labels = jnp.array([0, 1, 2, 1])
+    one_hot = jax.nn.one_hot(labels, 3)
+    permutation = jnp.array([2, 0, 3, 1])
+    targets = mixup.mixed_targets(one_hot, permutation, 0.7)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(targets[0], [0.7, 0.0, 0.3], rtol=1e-6)  # y=0 with y'=2
+    np.testing.assert_allclose(targets[3], [0.0, 1.0, 0.0], rtol=1e-6)  # a same-class pair
+    swapped = mixup.mixed_targets(one_hot, permutation, 0.7, swap=True)
+    np.testing.assert_allclose(swapped[0], [0.3, 0.0, 0.7], rtol=1e-6)
+
+
+def test_soft_cross_entropy_is_the_lambda_weighted_hard_loss():
+    logits = jax.random.normal(jax.random.PRNGKey(1), (5, 7))
+    labels = jnp.array([0, 3, 6, 2, 2])
+    permutation = jnp.array([4, 3, 2, 1, 0])
+    lam = 0.3
+    targets = mixup.mixed_targets(jax.nn.one_hot(labels, 7), permutation, lam)
+    hard = optax.softmax_cross_entropy_with_integer_labels
+    expected = lam * hard(logits, labels) + (1 - lam) * hard(logits, labels[permutation])
+    np.testing.assert_allclose(mixup.soft_cross_entropy(logits, targets), expected, rtol=1e-5)
+
+
+def test_unaligned_feature_mixing_mixes_each_pair():
+    features = random_features()
+    permutation = jnp.array([1, 2, 3, 4, 5, 0])
+    mixed, plan = mixup.mix_features(features, permutation, 0.3, swap=False, align=False,
+                                     epsilon=0.1, num_iters=100)
+    assert plan is None
+    np.testing.assert_allclose(mixed, 0.3 * features + 0.7 * features[permutation], rtol=1e-6)
+
+
+def test_aligned_feature_mixing_is_eq_12():
+    features = random_features()
+    permutation = jnp.array([3, 0, 5, 1, 2, 4])
+    mixed, plan = mixup.mix_features(features, permutation, 0.4, swap=False, **ALIGN)
+    partner = features[permutation]
+    expected_plan = alignment.transport_plan(features, partner)
+    np.testing.assert_allclose(plan, expected_plan, rtol=1e-6, atol=1e-9)
+    aligned = alignment.align(features, partner)
+    np.testing.assert_allclose(mixed, 0.4 * features + 0.6 * aligned, rtol=1e-5, atol=1e-6)
+    assert mixed.shape == features.shape and plan.shape == (6, 16, 16)
+
+
+@pytest.mark.parametrize('lam', [0.0, 1.0])
+def test_aligned_feature_mixing_endpoints(lam):
+    features = random_features(seed=2)
+    permutation = jnp.array([5, 4, 3, 2, 1, 0])
+    mixed, _ = mixup.mix_features(features, permutation, lam, swap=False, **ALIGN)
+    expected = features if lam == 1.0 else alignment.align(features, features[permutation])
+    np.testing.assert_allclose(mixed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_prime_is_feature_on_the_swapped_pair():
+    features = random_features(seed=4)
+    permutation = jnp.array([2, 5, 0, 1, 3, 4])
+    inverse = jnp.argsort(permutation)
+    mixed_prime, plan_prime = mixup.mix_features(features, permutation, 0.35, swap=True, **ALIGN)
+    # Swapping (x, x') and (y, y') turns the pairs (i, pi(i)) into (pi(i), i): the feature mode
+    # on the permuted batch, paired back by the inverse permutation.
+    mixed, plan = mixup.mix_features(features[permutation], inverse, 0.35, swap=False, **ALIGN)
+    np.testing.assert_allclose(mixed_prime, mixed, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(plan_prime, plan, rtol=1e-6, atol=1e-9)
+    one_hot = jax.nn.one_hot(jnp.array([0, 1, 2, 3, 4, 5]), 6)
+    np.testing.assert_allclose(
+        mixup.mixed_targets(one_hot, permutation, 0.35, swap=True),
+        mixup.mixed_targets(one_hot[permutation], inverse, 0.35), rtol=1e-6)
+
+
+def test_validate_modes_rejects_unknown_names():
+    assert mixup.validate_modes(['input', 'input', 'feature']) == ('input', 'input', 'feature')
+    with pytest.raises(ValueError, match='config.mixup.modes'):
+        mixup.validate_modes(('input', 'cutmix'))
+    with pytest.raises(ValueError, match='config.mixup.modes'):
+        mixup.validate_modes(())
