@@ -1,0 +1,61 @@
+"""Trains AlignMix: `python -m alignmix_jax.main --config=configs/cifar10.py --workdir=DIR`.
+
+Any config field can be overridden on the command line, e.g. `--config.train.num_epochs=3`.
+A run restarted with the same --workdir resumes from its latest checkpoint.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
+flags.mark_flags_as_required(['workdir'])
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with one clear line for a bad config override."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:  # e.g. a value of the wrong type
+        raise SystemExit(f'error: {error}') from None
+    except (AttributeError, KeyError) as error:
+        # ml_collections reports a field that does not exist as a KeyError (wrapped in an
+        # AttributeError) whose message is the field name plus a "Did you mean" line.
+        message = error
+        while isinstance(message, BaseException) and message.args:
+            message = message.args[0]
+        detail = ' '.join(str(message).split())
+        raise SystemExit(f'error: no config field {detail}; the fields are listed in '
+                         f'configs/default.py') from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    # TensorFlow only reads data here; keep it off the accelerators JAX uses.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')
+
+    from alignmix_jax import train
+    from alignmix_jax.checkpointing import CheckpointError
+    from alignmix_jax.input_pipeline import DatasetError
+
+    logging.info('Config:\n%s', FLAGS.config)
+    try:
+        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (CheckpointError, DatasetError, FloatingPointError) as error:
+        # One clear line instead of a traceback: each of these says what to do.
+        logging.error('%s', error)
+        raise SystemExit(f'error: {error}') from None
+    with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as results_file:
+        json.dump(result, results_file, indent=2)
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=parse_flags)

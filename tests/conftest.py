@@ -1,0 +1,38 @@
+"""Shared fixtures: a persistent compilation cache and a tiny training config."""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+from configs import demo
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg'
+
+# Tests train the same tiny networks many times; compiling each program once saves minutes.
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('ALIGNMIX_TEST_JAX_CACHE', '/tmp/alignmix_jax_test_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def make_tiny_config():
+    """A seconds-long run: 64 demo training images, an eighth-width PreActResNet18."""
+    config = demo.get_config()
+    config.dataset.train_subset = 64
+    config.model.width = 0.125
+    config.train.batch_size = 16
+    config.train.num_epochs = 2
+    config.train.lr_decay_epochs = (1,)
+    config.train.eval_batch_size = 250
+    config.train.eval_every_epochs = 1
+    config.train.log_every_steps = 2
+    config.train.checkpoint_every_steps = 2
+    return config
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config()

@@ -1,0 +1,204 @@
+"""The train step, the training loop, resuming, and the errors a user can run into."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignmix_jax import checkpointing, input_pipeline, mixup, train
+from alignmix_jax.models import build_model
+from tests.conftest import REPO_ROOT, make_tiny_config
+
+
+@pytest.fixture(scope='module')
+def demo_dataset():
+    return input_pipeline.load_dataset(make_tiny_config().dataset)
+
+
+def restore_params(workdir, config, dataset):
+    model = build_model(config.model, dataset.num_classes)
+    steps_per_epoch = input_pipeline.steps_per_epoch(len(dataset.train.labels),
+                                                     config.train.batch_size)
+    abstract = train.create_train_state(config, model, dataset.train.images.shape[1:],
+                                        steps_per_epoch)
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    state, progress, step = checkpointing.restore_latest(manager, abstract, required=True)
+    return state, progress, step
+
+
+def test_each_mode_lowers_the_loss_on_a_fixed_batch_and_compiles_once(demo_dataset):
+    config = make_tiny_config()
+    model = build_model(config.model, demo_dataset.num_classes)
+    images = demo_dataset.train.images[:16]
+    labels = demo_dataset.train.labels[:16]
+    step_fn = train.make_train_step(model, config)  # the training loop's own step
+    initial = train.create_train_state(config, model, images.shape[1:], steps_per_epoch=4)
+    for mode in mixup.MODES:
+        # The step donates its input state, so each mode starts from a copy.
+        state, first_metrics = step_fn(jax.tree.map(jnp.copy, initial), images, labels,
+                                       mode=mode)
+        for _ in range(7):
+            state, _ = step_fn(state, images, labels, mode=mode)
+        # Step 0's draw again (augmentation, permutation, lambda) with the trained parameters.
+        _, later_metrics = step_fn(state.replace(step=jnp.zeros((), jnp.int32)), images, labels,
+                                   mode=mode)
+        assert float(later_metrics['loss']) < 0.8 * float(first_metrics['loss']), mode
+        if mode in mixup.FEATURE_MODES:
+            assert np.isfinite(float(first_metrics['marginal_error']))
+        else:
+            assert 'marginal_error' not in first_metrics
+    assert step_fn._cache_size() == len(mixup.MODES)
+
+
+def test_modes_are_drawn_uniformly_and_reproducibly():
+    modes = ('input', 'embedding', 'feature', 'feature_prime')
+    draws = [train.choose_mode(modes, 0, step) for step in range(4000)]
+    assert draws == [train.choose_mode(modes, 0, step) for step in range(4000)]
+    counts = np.array([draws.count(mode) for mode in modes])
+    assert np.all(np.abs(counts - 1000) < 100), counts
+    assert draws != [train.choose_mode(modes, 1, step) for step in range(4000)]
+
+
+def test_optimizer_is_torch_sgd_with_the_step_schedule():
+    config = make_tiny_config().train
+    config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 0.01
+    config.lr_decay_epochs, config.lr_decay_factor = (2, 3), 0.1
+    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=5)
+    assert [float(schedule(step)) for step in (0, 9, 10, 14, 15)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001])
+    # torch.optim.SGD: g += wd * p; buf = momentum * buf + g; p -= lr * buf.
+    params = jnp.array([1.0, -2.0])
+    gradients = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 2.0])]
+    opt_state = optimizer.init(params)
+    expected, buffer = np.array([1.0, -2.0]), np.zeros(2)
+    for gradient in gradients:
+        updates, opt_state = optimizer.update(gradient, opt_state, params)
+        params = params + updates
+        buffer = 0.9 * buffer + (np.asarray(gradient) + 0.01 * expected)
+        expected = expected - 0.1 * buffer
+    np.testing.assert_allclose(params, expected, rtol=1e-6)
+
+
+def test_evaluation_counts_every_test_image_once(demo_dataset):
+    config = make_tiny_config()
+    model = build_model(config.model, demo_dataset.num_classes)
+    state = train.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
+    eval_fn = train.make_eval_step(model, config.dataset)
+    test = demo_dataset.test
+    results = train.evaluate(eval_fn, state, test, batch_size=300)  # 1000 = 3 * 300 + 100
+    assert results['num_examples'] == len(test.labels) == 1000
+    # The same accuracy computed image by image on the host.
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                         input_pipeline.normalize(test.images, config.dataset.mean,
+                                                  config.dataset.std), train=False)
+    expected = float(np.mean(np.argmax(np.asarray(logits), -1) == test.labels))
+    assert results['accuracy'] == pytest.approx(expected, abs=1e-6)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dataset):
+    config = make_tiny_config()  # 4 steps an epoch
+    config.train.num_epochs = 3
+    config.train.checkpoint_every_steps = 3
+    uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
+
+    # Kill the second run at step 8, in the middle of epoch 2: its last checkpoint is step 6.
+    draw_mode = train.choose_mode
+
+    def interrupted_draw(modes, seed, step):
+        if step == 8:
+            raise KeyboardInterrupt
+        return draw_mode(modes, seed, step)
+
+    monkeypatch.setattr(train, 'choose_mode', interrupted_draw)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    assert restore_params(str(tmp_path / 'resumed'), config, demo_dataset)[2] == 6
+    monkeypatch.setattr(train, 'choose_mode', draw_mode)
+    resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+
+    state_a, progress_a, step_a = restore_params(str(tmp_path / 'uninterrupted'), config,
+                                                 demo_dataset)
+    state_b, progress_b, step_b = restore_params(str(tmp_path / 'resumed'), config,
+                                                 demo_dataset)
+    assert step_a == step_b == 12
+    jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
+    jax.tree.map(np.testing.assert_array_equal, state_a.batch_stats, state_b.batch_stats)
+    jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
+    assert resumed['final_test_accuracy'] == uninterrupted['final_test_accuracy']
+    assert progress_a == progress_b
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                    demo_dataset):
+    config = make_tiny_config()
+    config.train.num_epochs = 1
+    workdir = str(tmp_path / 'run')
+    train.train_and_evaluate(config, workdir)
+    good_state, _, good_step = restore_params(workdir, config, demo_dataset)
+
+    config.train.num_epochs = 2
+    monkeypatch.setattr(mixup, 'soft_cross_entropy',
+                        lambda logits, targets: jnp.full(logits.shape[:1], jnp.nan))
+    with pytest.raises(FloatingPointError, match=r'loss became nan.*last good checkpoint is step'):
+        train.train_and_evaluate(config, workdir)
+    state, _, step = restore_params(workdir, config, demo_dataset)
+    assert step == good_step == 4
+    jax.tree.map(np.testing.assert_array_equal, state.params, good_state.params)
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    config = make_tiny_config()
+    config.train.num_epochs = 1
+    workdir = tmp_path / 'run'
+    train.train_and_evaluate(config, str(workdir))
+    listing = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+    step_dir = workdir / 'checkpoints' / '4'
+    damaged = [path for path in step_dir.rglob('*') if path.is_file()]
+    for path in damaged:
+        path.write_bytes(b'not a checkpoint')
+    with pytest.raises(checkpointing.CheckpointError, match='step 4 .* is unreadable'):
+        train.train_and_evaluate(config, str(workdir))
+    # Left exactly as it was: nothing deleted, nothing written over it.
+    assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == listing
+    assert all(path.read_bytes() == b'not a checkpoint' for path in damaged)
+
+
+def test_checkpoint_directory_without_checkpoints(tmp_path):
+    manager = checkpointing.make_manager(str(tmp_path / 'empty'))
+    abstract = {'w': jnp.zeros(2)}
+    assert checkpointing.restore_latest(manager, abstract) is None  # training starts fresh
+    with pytest.raises(checkpointing.CheckpointError, match='no checkpoint in .*train first'):
+        checkpointing.restore_latest(manager, abstract, required=True)
+    (tmp_path / 'empty' / 'checkpoints' / 'notes.txt').write_text('stray file')
+    with pytest.raises(checkpointing.CheckpointError, match='no complete checkpoint'):
+        checkpointing.restore_latest(manager, abstract)
+
+
+def run_main(*args, cwd=REPO_ROOT):
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+    return subprocess.run([sys.executable, '-m', 'alignmix_jax.main', *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=environment)
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+    result = run_main('--config=configs/demo.py', f'--workdir={tmp_path}',
+                      '--config.train.num_epoch=3')
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: no config field 'num_epoch' Did you mean \"num_epochs\" instead of \"num_epoch\"?; "
+        "the fields are listed in configs/default.py"]
+    assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_missing_dataset_is_a_clear_one_line_error(tmp_path):
+    result = run_main('--config=configs/demo.py', f'--workdir={tmp_path}',
+                      '--config.dataset.name=image_folder',
+                      f'--config.dataset.data_dir={tmp_path / "nowhere"}')
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith('error: ') and 'nowhere' in last_line, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
