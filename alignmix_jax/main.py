@@ -5,6 +5,7 @@ A run restarted with the same --workdir resumes from its latest checkpoint.
 """
 
 import json
+import logging as python_logging
 import os
 
 from absl import app, flags, logging
@@ -34,9 +35,15 @@ def parse_flags(argv):
                          f'configs/default.py') from None
 
 
+def _hide_library_info(record: python_logging.LogRecord) -> bool:
+    """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    logging.get_absl_handler().addFilter(_hide_library_info)
     # TensorFlow only reads data here; keep it off the accelerators JAX uses.
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')

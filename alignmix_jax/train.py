@@ -237,8 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     buffer = _MetricBuffer()
     eval_every_steps = train_config.eval_every_epochs * steps_per_epoch
     test_metrics = {}
-    logging.info('Training %d steps (%d epochs of %d steps) from step %d; modes %s.',
-                 total_steps, train_config.num_epochs, steps_per_epoch, start_step, modes)
+    if start_step < total_steps:
+        logging.info('Training %d steps (%d epochs of %d steps) from step %d; modes %s.',
+                     total_steps, train_config.num_epochs, steps_per_epoch, start_step, modes)
+    else:
+        logging.info('The checkpoint is at the last step (%d); evaluating it.', start_step)
     start_time = time.time()
     try:
         for step in range(start_step + 1, total_steps + 1):

@@ -117,3 +117,17 @@ def test_validate_modes_rejects_unknown_names():
         mixup.validate_modes(('input', 'cutmix'))
     with pytest.raises(ValueError, match='config.mixup.modes'):
         mixup.validate_modes(())
+
+
+def test_average_pooling_forgets_the_alignment():
+    # Why f starts with BatchNorm + ReLU (config.model.head_norm): the plan's column sums are
+    # exact after its last (column) update, so the spatial mean of A aligned to A' is the mean
+    # of A' itself, and behind a purely linear head (pooling + FC, as in the public code) the
+    # aligned feature mode would reduce to mixing pooled features. (The column sums are exact
+    # up to float32 rounding in the plan, hence rtol 1e-3.)
+    features = random_features(seed=5, shape=(4, 4, 4, 16)) * 10.0
+    permutation = jnp.array([1, 2, 3, 0])
+    aligned = alignment.align(features, features[permutation])
+    np.testing.assert_allclose(aligned.mean(axis=(1, 2)),
+                               features[permutation].mean(axis=(1, 2)), rtol=1e-3)
+    assert float(jnp.max(jnp.abs(aligned - features[permutation]))) > 1.0

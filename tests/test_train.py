@@ -202,3 +202,16 @@ def test_missing_dataset_is_a_clear_one_line_error(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith('error: ') and 'nowhere' in last_line, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
+
+
+def test_bfloat16_model_trains_with_a_float32_alignment(demo_dataset):
+    config = make_tiny_config()
+    config.model.dtype = 'bfloat16'
+    model = build_model(config.model, demo_dataset.num_classes)
+    state = train.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
+    step_fn = train.make_train_step(model, config)
+    state, step_metrics = step_fn(state, demo_dataset.train.images[:16],
+                                  demo_dataset.train.labels[:16], mode='feature')
+    assert np.isfinite(float(step_metrics['loss']))
+    assert np.isfinite(float(step_metrics['marginal_error']))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
