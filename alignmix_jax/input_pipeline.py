@@ -79,12 +79,33 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits in memory; label i is `class_names[i]`."""
+    """Both splits in memory; label i is `class_names[i]`.
+
+    The training loop reads any dataset through `num_train_examples`, `image_shape`,
+    `train_batches` and `eval_batches`; streaming datasets (ImageNet) offer the same.
+    """
 
     train: Split
     test: Split
     num_classes: int
     class_names: tuple[str, ...]
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.train.images.shape[1:]
+
+    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
+                      process_index: int = 0, process_count: int = 1):
+        return train_batches(self.train, batch_size, seed=seed, start_step=start_step,
+                             process_index=process_index, process_count=process_count)
+
+    def eval_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1):
+        return eval_batches(self.test, batch_size, process_index=process_index,
+                            process_count=process_count)
 
 
 def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
@@ -134,38 +155,56 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def train_batches(split: Split, batch_size: int, *, seed: int,
-                  start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless (images, labels) batches: step s is batch s mod S of epoch s div S, where S is
-    `steps_per_epoch(n, batch_size)`.
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+    if batch_size % process_count:
+        raise ValueError(f'the batch size {batch_size} must be a multiple of the number of '
+                         f'processes, {process_count}')
+    return batch_size // process_count
 
-    Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(n)`.
-    Starting at `start_step` yields what an iterator started at 0 yields from that step on.
+
+def train_batches(split: Split, batch_size: int, *, seed: int, start_step: int = 0,
+                  process_index: int = 0,
+                  process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (images, labels) batches; step s is batch s % spe of epoch s // spe.
+
+    Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(n)`,
+    `batch_size` (global) at a time. Each process yields its own contiguous part of every global
+    batch, so the processes' shares are disjoint and together cover the batch. Starting at
+    `start_step` yields what an iterator started at 0 yields from that step on.
     """
     num_examples = len(split.labels)
     batches_per_epoch = steps_per_epoch(num_examples, batch_size)
+    local_size = _local_batch_size(batch_size, process_count)
     epoch, first_batch = divmod(start_step, batches_per_epoch)
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(num_examples)
         for batch in range(first_batch, batches_per_epoch):
-            indices = order[batch * batch_size:(batch + 1) * batch_size]
+            start = batch * batch_size + process_index * local_size
+            indices = order[start:start + local_size]
             yield split.images[indices], split.labels[indices]
         epoch, first_batch = epoch + 1, 0
 
 
-def eval_batches(split: Split,
-                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(images, labels, mask) batches covering the split once, in order.
+def eval_batches(split: Split, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, mask) batches covering this process's share of the split once, in order.
 
-    The last batch is padded to `batch_size` with zero images (label 0, mask False), so every
-    batch has the same shape and a masked metric counts every image exactly once.
+    Process p reads the p-th of `process_count` contiguous, near-equal shares, `batch_size //
+    process_count` images at a time. Batches are padded with zero images (label 0, mask False)
+    and every process yields the same number of them, so a masked metric over all processes
+    counts every image exactly once and the processes' steps line up.
     """
+    local_size = _local_batch_size(batch_size, process_count)
     num_examples = len(split.labels)
-    for start in range(0, num_examples, batch_size):
-        images = split.images[start:start + batch_size]
-        labels = split.labels[start:start + batch_size]
+    share_bounds = np.linspace(0, num_examples, process_count + 1).round().astype(int)
+    share_start, share_stop = share_bounds[process_index], share_bounds[process_index + 1]
+    largest_share = int(np.max(np.diff(share_bounds)))
+    for offset in range(0, max(largest_share, 1), local_size):
+        start = min(share_start + offset, share_stop)
+        stop = min(start + local_size, share_stop)
+        images, labels = split.images[start:stop], split.labels[start:stop]
         mask = np.ones(len(labels), bool)
-        padding = batch_size - len(labels)
+        padding = local_size - len(labels)
         if padding:
             images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), np.uint8)])
             labels = np.concatenate([labels, np.zeros(padding, np.int32)])

@@ -314,3 +314,58 @@ def test_a_batch_larger_than_the_split_is_refused():
     with pytest.raises(ValueError, match=r'batch size 128'):
         next(input_pipeline.train_batches(random_split(100), 128, seed=0))
 
+
+
+def _labelled_split(num_examples):
+    # Each image carries its own index in its first pixel, so batches can be traced back.
+    images = np.zeros((num_examples, 2, 2, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(num_examples) % 256
+    images[:, 0, 0, 1] = np.arange(num_examples) // 256
+    return input_pipeline.Split(images=images, labels=np.arange(num_examples, dtype=np.int32))
+
+
+def _indices(images):
+    return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 4])
+def test_process_shares_of_train_batches_are_disjoint_and_cover_each_epoch(process_count):
+    split = _labelled_split(100)
+    batch_size, steps = 24, 4  # 4 steps per epoch, 4 examples dropped
+    iterators = [input_pipeline.train_batches(split, batch_size, seed=3, start_step=0,
+                                              process_index=p, process_count=process_count)
+                 for p in range(process_count)]
+    single = input_pipeline.train_batches(split, batch_size, seed=3)
+    seen = []
+    for _ in range(steps):
+        shares = [next(iterator) for iterator in iterators]
+        assert all(len(labels) == batch_size // process_count for _, labels in shares)
+        global_batch = np.concatenate([labels for _, labels in shares])
+        # The processes' shares, in process order, are exactly the single-process batch.
+        np.testing.assert_array_equal(global_batch, next(single)[1])
+        np.testing.assert_array_equal(np.concatenate([_indices(images) for images, _ in shares]),
+                                      global_batch)
+        seen.extend(global_batch.tolist())
+    assert len(seen) == len(set(seen)) == 96
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+def test_process_shares_of_eval_batches_count_every_image_once(process_count):
+    split = _labelled_split(101)
+    batch_size = 12
+    counts, seen = set(), []
+    for process in range(process_count):
+        batches = list(input_pipeline.eval_batches(split, batch_size, process_index=process,
+                                                   process_count=process_count))
+        counts.add(len(batches))
+        for images, labels, mask in batches:
+            assert images.shape[0] == labels.shape[0] == mask.shape[0] == 12 // process_count
+            seen.extend(labels[mask].tolist())
+            np.testing.assert_array_equal(_indices(images)[mask], labels[mask])
+    assert len(counts) == 1  # every process steps through the same number of batches
+    assert sorted(seen) == list(range(101))
+
+
+def test_batch_size_must_divide_among_processes():
+    with pytest.raises(ValueError, match='multiple of the number of processes'):
+        next(input_pipeline.eval_batches(_labelled_split(10), 5, process_count=2))
