@@ -1,13 +1,20 @@
-"""AlignMix training and evaluation on one machine.
+"""AlignMix training and evaluation, from one CPU to many hosts.
 
 `train_and_evaluate(config, workdir)` trains a classifier with the mixup modes of Algorithm 1,
 evaluates it on the whole test split periodically, writes metrics to TensorBoard and the
 console, checkpoints to `workdir/checkpoints`, and resumes from the latest checkpoint there.
 
-The train step is jit-compiled once per mixup mode (the mode is a static argument, drawn on the
-host for each step) and never synchronises with the host: its metrics stay on the device until
-the loop fetches them every `log_every_steps`. Augmentation runs on the device inside the step.
-BatchNorm statistics are those of the (mixed) batch of the step.
+Data parallel: the state is replicated over a one-axis device mesh and each global batch is
+split over its devices. The step runs under `shard_map`: every device augments, pairs (its own
+permutation and lambda), aligns and mixes its own slice of the batch, so no image or feature
+tensor crosses devices; only the gradients and BatchNorm statistics are averaged. BatchNorm
+normalises with the statistics of each device's slice (`model.sync_batch_norm=False`, as
+PyTorch's DataParallel) or of the global batch (True). With one device this is plain
+single-device training.
+
+The step is jit-compiled once per mixup mode (the mode is a static argument, drawn on the host
+for each step) and never synchronises with the host: its metrics stay on the device until the
+loop fetches them every `log_every_steps`. Augmentation runs on the device inside the step.
 """
 
 import functools
@@ -25,7 +32,7 @@ from clu import metric_writers, metrics, periodic_actions
 from flax import struct
 from flax.training import train_state
 
-from alignmix_jax import alignment, checkpointing, input_pipeline, mixup
+from alignmix_jax import alignment, checkpointing, input_pipeline, mixup, sharding
 from alignmix_jax.models import build_model
 
 # Stream tag that keeps the per-step mode draw independent of the data order.
@@ -34,7 +41,7 @@ _MODE_STREAM = 0x6D6F6465
 
 class TrainState(train_state.TrainState):
     batch_stats: Any
-    rng: jax.Array  # the run's key; each step folds in its step number
+    rng: jax.Array  # the run's key; each step folds in its step number and device index
 
 
 @struct.dataclass
@@ -58,16 +65,24 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
     return optimizer, schedule
 
 
-def create_train_state(config: ml_collections.ConfigDict, model, image_shape, steps_per_epoch):
-    init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    dummy_images = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(init_key, dummy_images)
+def create_train_state(config: ml_collections.ConfigDict, model, image_shape, steps_per_epoch,
+                       mesh=None) -> TrainState:
+    """The initial state, replicated on every device of `mesh` (default: all devices)."""
     optimizer, _ = make_optimizer(config.train, steps_per_epoch)
-    state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=optimizer,
-                              batch_stats=variables['batch_stats'], rng=run_key)
-    # A concrete int32 step: with the default Python int the second call of each jitted step
-    # would see a different input type and compile again.
-    return state.replace(step=jnp.zeros((), jnp.int32))
+
+    def initial_state():
+        init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
+        variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                  tx=optimizer, batch_stats=variables['batch_stats'],
+                                  rng=run_key)
+        # A concrete int32 step: with the default Python int the second call of each jitted
+        # step would see a different input type and compile again.
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    # Built by jit straight into its replicated layout, identically in every process.
+    return jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
 
 
 def choose_mode(modes: tuple[str, ...], seed: int, step: int) -> str:
@@ -110,11 +125,15 @@ def _mixed_forward(mode, model, params, batch_stats, images, one_hot, permutatio
     return logits, targets, batch_stats, plan
 
 
-def train_step(state: TrainState, images, labels, *, mode: str, model,
-               config: ml_collections.ConfigDict):
-    """One SGD step of mixup `mode` on a batch of uint8 images; returns (state, metrics)."""
-    step_key = jax.random.fold_in(state.rng, state.step)
-    augment_key, pairing_key = jax.random.split(step_key)
+def shard_gradients(state: TrainState, images, labels, device_index, *, mode: str, model,
+                    config: ml_collections.ConfigDict):
+    """Gradients, BatchNorm statistics and metrics of mixup `mode` on one device's slice.
+
+    Algorithm 1 on the slice alone: its own augmentation, permutation pi and lambda, drawn from
+    the run's key folded in by step and by `device_index`.
+    """
+    device_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device_index)
+    augment_key, pairing_key = jax.random.split(device_key)
     dataset_config = config.dataset
     images = input_pipeline.augment(augment_key, images, padding=dataset_config.crop_padding,
                                     flip=dataset_config.random_flip)
@@ -131,7 +150,6 @@ def train_step(state: TrainState, images, labels, *, mode: str, model,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (logits, targets, batch_stats, plan)), grads = grad_fn(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     step_metrics = {
         'loss': loss,
         # Agreement with the label that carries the larger weight of the mixed target.
@@ -140,13 +158,43 @@ def train_step(state: TrainState, images, labels, *, mode: str, model,
     }
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
-    return state, step_metrics
+    return grads, batch_stats, step_metrics
 
 
-def make_train_step(model, config: ml_collections.ConfigDict):
-    """`train_step` jit-compiled once per mode, donating the incoming state."""
-    return jax.jit(functools.partial(train_step, model=model, config=config),
-                   static_argnames='mode', donate_argnums=0)
+def train_step(state: TrainState, images, labels, *, mode: str, model,
+               config: ml_collections.ConfigDict):
+    """One SGD step on a device's slice of the batch, run under `shard_map` (see module doc).
+
+    Slices are equal in size, so the mean of the devices' gradients is the gradient of the
+    global batch's mean loss. Averaging the running BatchNorm statistics keeps the replicas
+    identical.
+    """
+    device_index = jax.lax.axis_index(sharding.DATA_AXIS)
+    grads, batch_stats, step_metrics = shard_gradients(
+        state, images, labels, device_index, mode=mode, model=model, config=config)
+    grads, batch_stats, step_metrics = jax.lax.pmean((grads, batch_stats, step_metrics),
+                                                     sharding.DATA_AXIS)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), step_metrics
+
+
+def make_train_step(model, config: ml_collections.ConfigDict, mesh):
+    """The data-parallel step on `mesh`, compiled once per mode, donating the incoming state.
+
+    Takes the replicated state and the global batch (sharded along the data axis), returns the
+    new replicated state and the metrics averaged over devices.
+    """
+    replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(
+        sharding.DATA_AXIS)
+
+    def step(state, images, labels, mode):
+        per_device = functools.partial(train_step, mode=mode, model=model, config=config)
+        # check_vma=False: ott's Sinkhorn loop mixes per-device and constant values in a cond,
+        # which the replication checker rejects; the outputs are replicated by the pmean.
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(replicated, split, split),
+                             out_specs=(replicated, replicated),
+                             check_vma=False)(state, images, labels)
+
+    return jax.jit(step, static_argnames='mode', donate_argnums=0)
 
 
 def eval_step(state: TrainState, images, labels, mask, *, model,
@@ -160,14 +208,20 @@ def eval_step(state: TrainState, images, labels, mask, *, model,
 
 
 def make_eval_step(model, dataset_config: ml_collections.ConfigDict):
+    """Evaluation needs no cross-device work but the final sums; jit partitions it by itself."""
     return jax.jit(functools.partial(eval_step, model=model, dataset_config=dataset_config))
 
 
-def evaluate(eval_fn, state: TrainState, split: input_pipeline.Split, batch_size: int) -> dict:
-    """Accuracy and loss over the whole split: padded, masked batches count each image once."""
+def evaluate(eval_fn, state: TrainState, dataset, batch_size: int, mesh) -> dict:
+    """Accuracy and loss over the whole test split, all processes together.
+
+    Padded, masked batches count each image exactly once; the metrics are sums over the global
+    batch, so every process computes the same result.
+    """
     merged = None
-    for images, labels, mask in input_pipeline.eval_batches(split, batch_size):
-        batch_metrics = eval_fn(state, images, labels, mask)
+    for local_batch in dataset.eval_batches(batch_size, process_index=jax.process_index(),
+                                            process_count=jax.process_count()):
+        batch_metrics = eval_fn(state, *sharding.global_batch(local_batch, mesh))
         merged = batch_metrics if merged is None else merged.merge(batch_metrics)
     results = {name: float(value) for name, value in merged.compute().items()}
     results['num_examples'] = int(merged.accuracy.count)
@@ -210,12 +264,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = input_pipeline.load_dataset(config.dataset)
     model = build_model(config.model, dataset.num_classes)
     train_config = config.train
-    steps_per_epoch = input_pipeline.steps_per_epoch(len(dataset.train.labels),
+    steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples,
                                                      train_config.batch_size)
     total_steps = train_config.num_epochs * steps_per_epoch
     _, schedule = make_optimizer(train_config, steps_per_epoch)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(train_config.batch_size, mesh, 'config.train.batch_size')
+    sharding.check_batch_size(train_config.eval_batch_size, mesh, 'config.train.eval_batch_size')
+    logging.info('Process %d of %d; %d devices in all (%s).', jax.process_index(),
+                 jax.process_count(), mesh.size, jax.devices()[0].platform)
 
-    state = create_train_state(config, model, dataset.train.images.shape[1:], steps_per_epoch)
+    state = create_train_state(config, model, dataset.image_shape, steps_per_epoch, mesh)
     manager = checkpointing.make_manager(workdir, max_to_keep=train_config.keep_checkpoints)
     progress = {'best_test_accuracy': None, 'best_epoch': None}
     restored = checkpointing.restore_latest(manager, state)
@@ -230,10 +289,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=train_config.log_every_steps)
 
-    compiled_train_step = make_train_step(model, config)
+    compiled_train_step = make_train_step(model, config, mesh)
     compiled_eval_step = make_eval_step(model, config.dataset)
-    batches = input_pipeline.train_batches(dataset.train, train_config.batch_size,
-                                           seed=config.seed, start_step=start_step)
+    batches = dataset.train_batches(train_config.batch_size, seed=config.seed,
+                                    start_step=start_step, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
     buffer = _MetricBuffer()
     eval_every_steps = train_config.eval_every_epochs * steps_per_epoch
     test_metrics = {}
@@ -245,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_time = time.time()
     try:
         for step in range(start_step + 1, total_steps + 1):
-            images, labels = next(batches)
+            images, labels = sharding.global_batch(next(batches), mesh)
             mode = choose_mode(modes, config.seed, step)
             state, step_metrics = compiled_train_step(state, images, labels, mode=mode)
             buffer.add(mode, step_metrics)
@@ -266,8 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write_scalars(step, summary)
             if should_eval:
                 epoch = step // steps_per_epoch
-                test_metrics = evaluate(compiled_eval_step, state, dataset.test,
-                                        train_config.eval_batch_size)
+                test_metrics = evaluate(compiled_eval_step, state, dataset,
+                                        train_config.eval_batch_size, mesh)
                 best = progress['best_test_accuracy']
                 if best is None or test_metrics['accuracy'] > best:
                     progress = {'best_test_accuracy': test_metrics['accuracy'], 'best_epoch': epoch}
@@ -285,8 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
 
     if start_step >= total_steps:  # nothing left to train: report the checkpoint as it is
-        test_metrics = evaluate(compiled_eval_step, state, dataset.test,
-                                train_config.eval_batch_size)
+        test_metrics = evaluate(compiled_eval_step, state, dataset,
+                                train_config.eval_batch_size, mesh)
     result = {'final_test_accuracy': test_metrics['accuracy'],
               'final_test_loss': test_metrics['loss'],
               'best_test_accuracy': progress['best_test_accuracy'],

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import checkpointing, input_pipeline, mixup, train
+from alignmix_jax import checkpointing, input_pipeline, mixup, sharding, train
 from alignmix_jax.models import build_model
 from tests.conftest import REPO_ROOT, make_tiny_config
 
@@ -35,17 +35,17 @@ def test_each_mode_lowers_the_loss_on_a_fixed_batch_and_compiles_once(demo_datas
     model = build_model(config.model, demo_dataset.num_classes)
     images = demo_dataset.train.images[:16]
     labels = demo_dataset.train.labels[:16]
-    step_fn = train.make_train_step(model, config)  # the training loop's own step
-    initial = train.create_train_state(config, model, images.shape[1:], steps_per_epoch=4)
+    mesh = sharding.make_mesh()
+    step_fn = train.make_train_step(model, config, mesh)  # the training loop's own step
     for mode in mixup.MODES:
-        # The step donates its input state, so each mode starts from a copy.
-        state, first_metrics = step_fn(jax.tree.map(jnp.copy, initial), images, labels,
-                                       mode=mode)
+        # The step donates its input state, so each mode starts from a fresh one.
+        initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+        state, first_metrics = step_fn(initial, images, labels, mode=mode)
         for _ in range(7):
             state, _ = step_fn(state, images, labels, mode=mode)
         # Step 0's draw again (augmentation, permutation, lambda) with the trained parameters.
-        _, later_metrics = step_fn(state.replace(step=jnp.zeros((), jnp.int32)), images, labels,
-                                   mode=mode)
+        step_zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+        _, later_metrics = step_fn(state.replace(step=step_zero), images, labels, mode=mode)
         assert float(later_metrics['loss']) < 0.8 * float(first_metrics['loss']), mode
         if mode in mixup.FEATURE_MODES:
             assert np.isfinite(float(first_metrics['marginal_error']))
@@ -89,7 +89,8 @@ def test_evaluation_counts_every_test_image_once(demo_dataset):
     state = train.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
     eval_fn = train.make_eval_step(model, config.dataset)
     test = demo_dataset.test
-    results = train.evaluate(eval_fn, state, test, batch_size=300)  # 1000 = 3 * 300 + 100
+    # 1000 = 3 * 300 + 100: the last batch is padded.
+    results = train.evaluate(eval_fn, state, demo_dataset, 300, sharding.make_mesh())
     assert results['num_examples'] == len(test.labels) == 1000
     # The same accuracy computed image by image on the host.
     logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
@@ -209,7 +210,7 @@ def test_bfloat16_model_trains_with_a_float32_alignment(demo_dataset):
     config.model.dtype = 'bfloat16'
     model = build_model(config.model, demo_dataset.num_classes)
     state = train.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
-    step_fn = train.make_train_step(model, config)
+    step_fn = train.make_train_step(model, config, sharding.make_mesh())
     state, step_metrics = step_fn(state, demo_dataset.train.images[:16],
                                   demo_dataset.train.labels[:16], mode='feature')
     assert np.isfinite(float(step_metrics['loss']))

@@ -1,0 +1,40 @@
+"""The device mesh and how arrays are laid out on it: data parallelism over one 'data' axis.
+
+The train state is replicated on every device; batches are split along their first axis, one
+slice per device. Each process supplies the slices of its own devices (`global_batch`), so a
+global batch is assembled without any process reading another's data.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A one-axis mesh over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
+    """One clear error when a global batch cannot be split evenly over the devices."""
+    if batch_size % mesh.size:
+        raise ValueError(f'{what} {batch_size} must be a multiple of the number of devices, '
+                         f'{mesh.size}')
+
+
+def global_batch(local_arrays, mesh: Mesh):
+    """This process's slices of a batch (numpy) -> global arrays sharded along the data axis."""
+    sharding = batch_sharded(mesh)
+    return tuple(jax.make_array_from_process_local_data(sharding, array)
+                 for array in local_arrays)
