@@ -2,6 +2,10 @@
 
 Any config field can be overridden on the command line, e.g. `--config.train.num_epochs=3`.
 A run restarted with the same --workdir resumes from its latest checkpoint.
+
+Several processes (hosts, or GPUs with one process each) train together when started with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or as the tasks of a SLURM
+job; see launch/README.md.
 """
 
 import json
@@ -16,6 +20,10 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard log
 flags.mark_flags_as_required(['workdir'])
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flags_as_required(['config'])
+flags.DEFINE_string('coordinator_address', None,
+                    'HOST:PORT of process 0 in a multi-process run (not needed under SLURM).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.')
 
 
 def parse_flags(argv):
@@ -48,10 +56,17 @@ def main(argv):
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')
 
-    from alignmix_jax import train
+    import jax
+
+    from alignmix_jax import sharding, train
     from alignmix_jax.checkpointing import CheckpointError
     from alignmix_jax.input_pipeline import DatasetError
 
+    try:
+        sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
+                                      FLAGS.process_id)
+    except ValueError as error:
+        raise SystemExit(f'error: {error}') from None
     logging.info('Config:\n%s', FLAGS.config)
     try:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -59,9 +74,10 @@ def main(argv):
         # One clear line instead of a traceback: each of these says what to do.
         logging.error('%s', error)
         raise SystemExit(f'error: {error}') from None
-    with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as results_file:
-        json.dump(result, results_file, indent=2)
-    print(json.dumps(result))
+    if jax.process_index() == 0:
+        with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as results_file:
+            json.dump(result, results_file, indent=2)
+        print(json.dumps(result))
 
 
 if __name__ == '__main__':

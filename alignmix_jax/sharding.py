@@ -5,6 +5,8 @@ slice per device. Each process supplies the slices of its own devices (`global_b
 global batch is assembled without any process reading another's data.
 """
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -38,3 +40,22 @@ def global_batch(local_arrays, mesh: Mesh):
     sharding = batch_sharded(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, array)
                  for array in local_arrays)
+
+
+def initialize_processes(coordinator_address: str | None = None,
+                         num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+    """Joins a multi-process run: explicitly (all three arguments) or as a SLURM task.
+
+    Under SLURM with more than one task, JAX reads the coordinator, the process count and this
+    process's index from the job's environment. A single process needs no initialisation.
+    Must run before JAX touches any device.
+    """
+    explicit = coordinator_address is not None
+    in_slurm_job = int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ
+    if not explicit and not in_slurm_job:
+        return
+    if explicit and (num_processes is None or process_id is None):
+        raise ValueError('--coordinator_address needs --num_processes and --process_id too')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

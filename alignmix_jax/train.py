@@ -283,7 +283,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
     start_step = int(state.step)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # Only process 0 logs and writes TensorBoard summaries; the others write nowhere.
+    writer = (metric_writers.create_default_writer(workdir) if jax.process_index() == 0
+              else metric_writers.MultiWriter([]))
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
     report_progress = periodic_actions.ReportProgress(

@@ -1,0 +1,65 @@
+"""Run as a script on 8 fake CPU devices by tests/test_sharding.py (XLA_FLAGS must be set
+before JAX starts, so it cannot share the test process).
+
+For each mixup mode, one sharded train step on 8 devices and the same computation done shard
+by shard on one device (`train.shard_gradients` with the shard's device index, averaged on the
+host). Prints one JSON object: the largest parameter and statistic difference per mode.
+"""
+
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8')
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignmix_jax import input_pipeline, mixup, sharding, train  # noqa: E402
+from alignmix_jax.models import build_model  # noqa: E402
+from tests.conftest import make_tiny_config  # noqa: E402
+
+
+def max_difference(tree_a, tree_b) -> float:
+    differences = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                               tree_a, tree_b)
+    return max(jax.tree.leaves(differences))
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    config = make_tiny_config()
+    config.train.batch_size = 32  # 4 examples on each of the 8 devices
+    dataset = input_pipeline.load_dataset(config.dataset)
+    images, labels = dataset.train.images[:32], dataset.train.labels[:32]
+    model = build_model(config.model, dataset.num_classes)
+    mesh = sharding.make_mesh()
+    one_device = sharding.make_mesh(jax.devices()[:1])
+    sharded_step = train.make_train_step(model, config, mesh)
+    results = {}
+    for mode in mixup.MODES:
+        state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+        new_state, _ = sharded_step(state, *sharding.global_batch((images, labels), mesh),
+                                    mode=mode)
+
+        reference = train.create_train_state(config, model, images.shape[1:], 4, one_device)
+        shard_step = jax.jit(functools.partial(train.shard_gradients, mode=mode, model=model,
+                                               config=config))
+        shards = [shard_step(reference, images[4 * i:4 * i + 4], labels[4 * i:4 * i + 4], i)
+                  for i in range(8)]
+        grads = jax.tree.map(lambda *values: np.mean(values, axis=0), *[s[0] for s in shards])
+        stats = jax.tree.map(lambda *values: np.mean(values, axis=0), *[s[1] for s in shards])
+        expected = reference.apply_gradients(grads=grads, batch_stats=stats)
+        results[mode] = {'params': max_difference(new_state.params, expected.params),
+                         'batch_stats': max_difference(new_state.batch_stats,
+                                                       expected.batch_stats),
+                         'param_change': max_difference(expected.params, reference.params)}
+    print(json.dumps(results))
+
+
+if __name__ == '__main__':
+    main()

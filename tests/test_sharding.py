@@ -1,0 +1,79 @@
+"""Data parallelism: the sharded step on 8 fake devices, and runs over several processes."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def run_python(*args, env=None, timeout=900):
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+def test_sharded_step_equals_the_per_shard_computation_on_8_devices():
+    result = run_python('tests/sharded_step_check.py')
+    assert result.returncode == 0, result.stderr[-3000:]
+    differences = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(differences) == sorted(('input', 'embedding', 'feature', 'feature_prime'))
+    for mode, difference in differences.items():
+        # The same float32 arithmetic per shard; only the 8-way mean of the gradients is summed
+        # in another order (a cross-device reduction vs numpy), which moves a parameter by a
+        # few ulps of the gradient times the learning rate: ~1e-8, against a step of ~1e-2.
+        assert difference['params'] < 1e-6, (mode, difference)
+        assert difference['batch_stats'] < 1e-6, (mode, difference)
+        assert difference['param_change'] > 1e-3, (mode, difference)
+
+
+def demo_run_args(workdir, num_epochs):
+    return ['--config=configs/demo.py', f'--workdir={workdir}',
+            '--config.dataset.train_subset=64', '--config.model.width=0.125',
+            '--config.train.batch_size=16', f'--config.train.num_epochs={num_epochs}',
+            '--config.train.lr_decay_epochs=()', '--config.train.eval_batch_size=250',
+            '--config.train.eval_every_epochs=1', '--config.train.log_every_steps=1']
+
+
+def logged_losses(output: str) -> dict[int, float]:
+    """{step: loss} from the console lines '...] [step] train/accuracy=..., train/loss=...'."""
+    pattern = re.compile(r'\] \[(\d+)\] train/.*train/loss=([^,\s]+)')
+    return {int(match[1]): float(match[2]) for match in pattern.finditer(output)}
+
+
+def read_results(workdir):
+    with open(os.path.join(workdir, 'results.json')) as results_file:
+        return json.load(results_file)
+
+
+def test_two_processes_train_and_one_process_resumes_their_checkpoint(tmp_path):
+    workdir = str(tmp_path / 'run')
+    two = run_python('launch/local.py', '--num_processes=2', '--',
+                     *demo_run_args(workdir, num_epochs=2))
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert 'Process 1 of 2; 2 devices in all' in two.stdout
+    two_process_results = read_results(workdir)
+    two_process_losses = logged_losses(two.stdout)
+    assert sorted(two_process_losses) == list(range(1, 9))
+
+    # The same checkpoint evaluated by one process on one device: every test image counted
+    # once either way, so the accuracy is identical (the loss differs only by summation order).
+    evaluated = run_python('-m', 'alignmix_jax.main', *demo_run_args(workdir, num_epochs=2))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    single_process_results = read_results(workdir)
+    assert (single_process_results['final_test_accuracy']
+            == two_process_results['final_test_accuracy'])
+    assert abs(single_process_results['final_test_loss']
+               - two_process_results['final_test_loss']) < 1e-5
+
+    # One process continues the two-process run: steps 9.. follow on from step 8.
+    resumed = run_python('-m', 'alignmix_jax.main', *demo_run_args(workdir, num_epochs=3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'Resumed from' in resumed.stderr and 'at step 8.' in resumed.stderr
+    resumed_losses = logged_losses(resumed.stderr)
+    assert sorted(resumed_losses) == list(range(9, 13))
+    assert all(math.isfinite(loss) for loss in [*two_process_losses.values(),
+                                                 *resumed_losses.values()])
