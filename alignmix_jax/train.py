@@ -55,13 +55,31 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
 
     Weight decay is added to the gradient before momentum (torch.optim.SGD's `weight_decay`),
     and the learning rate is multiplied by `lr_decay_factor` at each of `lr_decay_epochs`.
+    If `classifier_learning_rate` is set, the classifier g has its own base learning rate (the
+    paper's ImageNet protocol: 0.1 for g, 0.01 for the rest). Returns the optimizer and the
+    schedule of the other layers.
     """
     boundaries = {int(epoch * steps_per_epoch): train_config.lr_decay_factor
                   for epoch in train_config.lr_decay_epochs}
-    schedule = optax.piecewise_constant_schedule(train_config.learning_rate, boundaries)
-    optimizer = optax.chain(
-        optax.add_decayed_weights(train_config.weight_decay),
-        optax.sgd(schedule, momentum=train_config.momentum))
+
+    def sgd(base_learning_rate):
+        schedule = optax.piecewise_constant_schedule(base_learning_rate, boundaries)
+        return optax.chain(
+            optax.add_decayed_weights(train_config.weight_decay),
+            optax.sgd(schedule, momentum=train_config.momentum,
+                      nesterov=train_config.nesterov)), schedule
+
+    optimizer, schedule = sgd(train_config.learning_rate)
+    if train_config.classifier_learning_rate is not None:
+        classifier_optimizer, _ = sgd(train_config.classifier_learning_rate)
+
+        def parameter_groups(params):
+            return {name: jax.tree.map(
+                lambda _, group=('classifier' if name == 'classifier' else 'rest'): group,
+                subtree) for name, subtree in params.items()}
+
+        optimizer = optax.multi_transform(
+            {'classifier': classifier_optimizer, 'rest': optimizer}, parameter_groups)
     return optimizer, schedule
 
 

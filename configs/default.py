@@ -57,9 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 128
     config.train.num_epochs = 2000
     config.train.learning_rate = 0.1
+    # A separate base learning rate for the classifier g (None: the same as the rest).
+    config.train.classifier_learning_rate = config_dict.placeholder(float)
     config.train.lr_decay_epochs = (500, 1000, 1500)
     config.train.lr_decay_factor = 0.1
     config.train.momentum = 0.9
+    config.train.nesterov = False
     config.train.weight_decay = 1e-4
     config.train.eval_batch_size = 500
     config.train.eval_every_epochs = 10

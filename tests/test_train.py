@@ -83,6 +83,36 @@ def test_optimizer_is_torch_sgd_with_the_step_schedule():
     np.testing.assert_allclose(params, expected, rtol=1e-6)
 
 
+def test_classifier_can_have_its_own_learning_rate():
+    config = make_tiny_config().train
+    config.momentum, config.weight_decay = 0.0, 0.0
+    config.learning_rate, config.classifier_learning_rate = 0.01, 0.1
+    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=5)
+    params = {'encoder': {'kernel': jnp.ones(2)}, 'classifier': {'kernel': jnp.ones(3)}}
+    gradients = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(gradients, optimizer.init(params), params)
+    np.testing.assert_allclose(updates['encoder']['kernel'], -0.01)
+    np.testing.assert_allclose(updates['classifier']['kernel'], -0.1)
+    assert float(schedule(0)) == pytest.approx(0.01)
+
+
+def test_nesterov_momentum_is_torch_sgd_nesterov():
+    config = make_tiny_config().train
+    config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 0.0
+    config.nesterov = True
+    optimizer, _ = train.make_optimizer(config, steps_per_epoch=5)
+    params = jnp.array([1.0])
+    opt_state = optimizer.init(params)
+    expected, buffer = 1.0, 0.0
+    for gradient in (0.5, -1.0, 2.0):
+        updates, opt_state = optimizer.update(jnp.array([gradient]), opt_state, params)
+        params = params + updates
+        # torch.optim.SGD(nesterov=True): buf = m * buf + g; p -= lr * (g + m * buf).
+        buffer = 0.9 * buffer + gradient
+        expected -= 0.1 * (gradient + 0.9 * buffer)
+    np.testing.assert_allclose(params, [expected], rtol=1e-6)
+
+
 def test_evaluation_counts_every_test_image_once(demo_dataset):
     config = make_tiny_config()
     model = build_model(config.model, demo_dataset.num_classes)
