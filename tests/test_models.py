@@ -126,16 +126,18 @@ def test_preact_resnet18_parameter_count():
     # (in, out, stride) of the eight blocks of the CIFAR PreActResNet18.
     blocks = [(64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1),
               (128, 256, 2), (256, 256, 1), (256, 512, 2), (512, 512, 1)]
-    encoder = conv_params(3, 3, 64) + sum(preact_block_params(*block) for block in blocks)
+    encoder = (conv_params(3, 3, 64) + bn_params(64)
+               + sum(preact_block_params(*block) for block in blocks))
     expected = encoder + head_params(512, NUM_CLASSES)
-    # The standard PreActResNet18 (no final BN) has 11,171,146; the head BN adds 2 * 512.
-    assert expected == 11_171_146 + 1024 == 11_172_170
+    # The standard PreActResNet18 (no final BN) has 11,171,146; the public AlignMixup code's
+    # BatchNorm after the stem adds 2 * 64, and our head BN 2 * 512.
+    assert expected == 11_171_146 + 128 + 1024 == 11_172_298
 
     variables = init_shapes(build_model(model_config(width=1.0), NUM_CLASSES))
     assert count(variables['params']) == expected
     assert count(variables['params']['encoder']) == encoder
     # Each BatchNorm channel has a running mean and variance next to its scale and bias.
-    bn_channels = 64 + 64 * 4 + 128 * 4 + 256 * 4 + 512 * 4
+    bn_channels = 64 + 64 * 4 + 128 * 4 + 256 * 4 + 512 * 4 + 64
     assert count(variables['batch_stats']) == 2 * bn_channels
 
     with_embedding = init_shapes(build_model(model_config(width=1.0, embedding_dim=128),
@@ -271,7 +273,7 @@ def test_train_mode_updates_batch_stats_with_pytorch_momentum(resnet):
     stem_kernel = variables['params']['encoder']['stem']['kernel']
     stem_out = jax.lax.conv_general_dilated(x, stem_kernel, (1, 1), ((1, 1), (1, 1)),
                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    first = new_stats['encoder']['stage1_block1']['norm1']
+    first = new_stats['encoder']['stem_norm']
     np.testing.assert_allclose(first['mean'], 0.1 * stem_out.mean(axis=(0, 1, 2)),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(first['var'], 0.9 + 0.1 * stem_out.var(axis=(0, 1, 2)),
@@ -364,10 +366,10 @@ def test_wide_resnet_forward():
 
 def test_unknown_model_name_raises_one_line_error():
     with pytest.raises(ValueError) as error:
-        build_model(model_config(name='resnet50'), NUM_CLASSES)
+        build_model(model_config(name='resnet101'), NUM_CLASSES)
     message = str(error.value)
-    assert message == ("unknown model name 'resnet50'; valid names: preact_resnet18, "
-                       "wide_resnet16_8")
+    assert message == ("unknown model name 'resnet101'; valid names: preact_resnet18, "
+                       "wide_resnet16_8, resnet50")
 
 
 def test_unknown_dtype_and_indivisible_pool_raise():

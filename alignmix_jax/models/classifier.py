@@ -23,12 +23,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from alignmix_jax.models.preact_resnet import BN_EPSILON, BN_MOMENTUM, PreActResNet18
+from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.wide_resnet import WideResNet
 
 # config.model.name -> encoder constructor; WRN16-8 is WideResNet's default depth and widening.
 ENCODERS = {
     'preact_resnet18': PreActResNet18,
     'wide_resnet16_8': WideResNet,
+    # Post-activation (ends normalised): use it with use_head_norm=False (configs/imagenet.py).
+    'resnet50': ResNet50,
 }
 
 # Variance 1 / (3 fan_in) from a uniform distribution is U(+-1/sqrt(fan_in)).
@@ -54,15 +57,19 @@ class Classifier(nn.Module):
     # Pre-activation encoders end unnormalised, so f starts with BatchNorm + ReLU.
     use_head_norm: bool = True
     dtype: Any = jnp.float32
+    # A mesh axis name: training BatchNorm statistics are then means over all devices of that
+    # axis (the global batch) instead of each device's slice. Only usable under shard_map.
+    batch_norm_axis: str | None = None
 
     def setup(self):
         self.encoder = encoder_class(self.encoder_name)(
             width=self.width, last_stride=self.last_stride, feature_pool=self.feature_pool,
-            dtype=self.dtype)
+            dtype=self.dtype, batch_norm_axis=self.batch_norm_axis)
         if self.use_head_norm:
             # use_running_average is given per call: the same layer serves train and eval.
             self.head_norm = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                          use_fast_variance=False, dtype=self.dtype)
+                                          use_fast_variance=False, dtype=self.dtype,
+                                          axis_name=self.batch_norm_axis)
         if self.embedding_dim > 0:
             self.embedding = nn.Dense(self.embedding_dim, kernel_init=dense_kernel_init,
                                       dtype=self.dtype)

@@ -33,11 +33,14 @@ def scaled_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Any, name: str, axis_name: str | None = None,
+               scale_init=nn.initializers.ones) -> nn.BatchNorm:
+    """PyTorch's BatchNorm; with `axis_name`, statistics over all devices of that mesh axis."""
     # Two-pass variance (as PyTorch computes it): E[x^2] - E[x]^2 loses precision when
     # activations are large, which they become in unnormalised residual streams late in training.
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                        use_fast_variance=False, dtype=dtype, name=name)
+                        use_fast_variance=False, scale_init=scale_init, dtype=dtype,
+                        axis_name=axis_name, name=name)
 
 
 def conv3x3(channels: int, stride: int, dtype: Any, name: str) -> nn.Conv:
@@ -69,10 +72,11 @@ class PreActBlock(nn.Module):
     channels: int
     stride: int = 1
     dtype: Any = jnp.float32
+    batch_norm_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        preactivated = nn.relu(batch_norm(train, self.dtype, 'norm1')(x))
+        preactivated = nn.relu(batch_norm(train, self.dtype, 'norm1', self.batch_norm_axis)(x))
         if self.stride != 1 or x.shape[-1] != self.channels:
             shortcut = nn.Conv(self.channels, (1, 1), strides=(self.stride, self.stride),
                                padding='VALID', use_bias=False, kernel_init=conv_kernel_init,
@@ -80,7 +84,7 @@ class PreActBlock(nn.Module):
         else:
             shortcut = x
         out = conv3x3(self.channels, self.stride, self.dtype, 'conv1')(preactivated)
-        out = nn.relu(batch_norm(train, self.dtype, 'norm2')(out))
+        out = nn.relu(batch_norm(train, self.dtype, 'norm2', self.batch_norm_axis)(out))
         out = conv3x3(self.channels, 1, self.dtype, 'conv2')(out)
         return out + shortcut
 
@@ -90,14 +94,15 @@ class PreActResNet18(nn.Module):
 
     `last_stride=1` keeps the last stage at 8x8; `feature_pool=p` then averages A over p x p
     cells (4x4 -> 2x2 for p = 2), the alignment resolutions of the paper's Table 8.
-    Parameters: 'stem' (conv), 'stage{1..4}_block{1,2}' (each 'norm1', 'conv1', 'norm2',
-    'conv2' and, where the shape changes, 'shortcut').
+    Parameters: 'stem' (conv), 'stem_norm', 'stage{1..4}_block{1,2}' (each 'norm1', 'conv1',
+    'norm2', 'conv2' and, where the shape changes, 'shortcut').
     """
 
     width: float = 1.0
     last_stride: int = 2
     feature_pool: int = 1
     dtype: Any = jnp.float32
+    batch_norm_axis: str | None = None
 
     stage_channels = (64, 128, 256, 512)
     blocks_per_stage = 2
@@ -107,9 +112,13 @@ class PreActResNet18(nn.Module):
         stage_strides = (1, 2, 2, self.last_stride)
         stages = zip(self.stage_channels, stage_strides, strict=True)
         out = conv3x3(scaled_channels(64, self.width), 1, self.dtype, 'stem')(x)
+        # The public AlignMixup network normalises the stem's output before the first block
+        # (which pre-activates it again); kept so trained accuracies are comparable.
+        out = nn.relu(batch_norm(train, self.dtype, 'stem_norm', self.batch_norm_axis)(out))
         for stage, (channels, stride) in enumerate(stages, start=1):
             for block in range(1, self.blocks_per_stage + 1):
                 out = PreActBlock(scaled_channels(channels, self.width),
                                   stride if block == 1 else 1, dtype=self.dtype,
+                                  batch_norm_axis=self.batch_norm_axis,
                                   name=f'stage{stage}_block{block}')(out, train)
         return pool_features(out, self.feature_pool)

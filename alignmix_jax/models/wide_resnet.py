@@ -39,6 +39,7 @@ class WideResNet(nn.Module):
     last_stride: int = 2
     feature_pool: int = 1
     dtype: Any = jnp.float32
+    batch_norm_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -53,5 +54,6 @@ class WideResNet(nn.Module):
             for block in range(1, blocks_per_group + 1):
                 out = PreActBlock(scaled_channels(channels, self.width),
                                   stride if block == 1 else 1, dtype=self.dtype,
+                                  batch_norm_axis=self.batch_norm_axis,
                                   name=f'stage{group}_block{block}')(out, train)
         return pool_features(out, self.feature_pool)
