@@ -280,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics."""
     modes = mixup.validate_modes(config.mixup.modes)
     dataset = input_pipeline.load_dataset(config.dataset)
-    model = build_model(config.model, dataset.num_classes)
+    model = build_model(config.model, dataset.num_classes, batch_norm_axis=(
+        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
     train_config = config.train
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples,
                                                      train_config.batch_size)

@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.last_stride = 2
     config.model.feature_pool = 1
     config.model.dtype = 'float32'  # 'bfloat16' on GPUs; alignment always runs in float32
+    # BatchNorm statistics in training: False, each device's slice of the batch (as PyTorch's
+    # DataParallel, which the public code uses); True, the global batch (cross-device means).
+    config.model.sync_batch_norm = False
 
     config.mixup = ml_collections.ConfigDict()
     # Modes drawn uniformly per batch (Algorithm 1); list a mode twice to double its chance.

@@ -3,7 +3,9 @@ before JAX starts, so it cannot share the test process).
 
 For each mixup mode, one sharded train step on 8 devices and the same computation done shard
 by shard on one device (`train.shard_gradients` with the shard's device index, averaged on the
-host). Prints one JSON object: the largest parameter and statistic difference per mode.
+host). Then the model with synchronised BatchNorm (`model.sync_batch_norm`) applied in
+training mode under shard_map, against the unsynchronised model on the whole batch on one
+device. Prints one JSON object: the largest differences of each.
 """
 
 import json
@@ -58,7 +60,39 @@ def main():
                          'batch_stats': max_difference(new_state.batch_stats,
                                                        expected.batch_stats),
                          'param_change': max_difference(expected.params, reference.params)}
+    results['sync_batch_norm'] = sync_batch_norm_difference(config, dataset, images, mesh)
     print(json.dumps(results))
+
+
+def sync_batch_norm_difference(config, dataset, images, mesh):
+    """Training-mode logits and BatchNorm statistics of the sync model over 8 shards minus
+    those of the plain model on the whole batch; and, as a control, the per-device model's."""
+    images = input_pipeline.normalize(images, config.dataset.mean, config.dataset.std)
+    plain = build_model(config.model, dataset.num_classes)
+    synced = build_model(config.model, dataset.num_classes, batch_norm_axis=sharding.DATA_AXIS)
+    variables = plain.init(jax.random.PRNGKey(0), images[:1], train=False)
+
+    def apply(model, batch):
+        return model.apply(variables, batch, train=True, mutable=['batch_stats'])
+
+    def sharded(model):
+        spec = jax.sharding.PartitionSpec(sharding.DATA_AXIS)
+        # Per-device statistics differ between devices: return each device's own (out_specs
+        # split), and compare the synced ones, which must all equal the global ones.
+        return jax.jit(jax.shard_map(
+            functools.partial(apply, model), mesh=mesh, in_specs=spec,
+            out_specs=(spec, spec)))(images)
+
+    whole_logits, whole_stats = apply(plain, images)
+    differences = {}
+    for name, model in (('synced', synced), ('per_device', plain)):
+        logits, stats = jax.tree.map(np.asarray, sharded(model))
+        # Each device returned its statistics with the leading axis split, i.e. stacked.
+        stats = jax.tree.map(lambda stacked: stacked.reshape(8, -1), stats)
+        whole = jax.tree.map(lambda value: np.asarray(value).reshape(1, -1), whole_stats)
+        differences[name] = {'logits': max_difference(logits, whole_logits),
+                             'batch_stats': max_difference(stats, whole)}
+    return differences
 
 
 if __name__ == '__main__':

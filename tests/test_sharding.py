@@ -20,6 +20,7 @@ def test_sharded_step_equals_the_per_shard_computation_on_8_devices():
     result = run_python('tests/sharded_step_check.py')
     assert result.returncode == 0, result.stderr[-3000:]
     differences = json.loads(result.stdout.strip().splitlines()[-1])
+    sync_batch_norm = differences.pop('sync_batch_norm')
     assert sorted(differences) == sorted(('input', 'embedding', 'feature', 'feature_prime'))
     for mode, difference in differences.items():
         # The same float32 arithmetic per shard; only the 8-way mean of the gradients is summed
@@ -28,6 +29,13 @@ def test_sharded_step_equals_the_per_shard_computation_on_8_devices():
         assert difference['params'] < 1e-6, (mode, difference)
         assert difference['batch_stats'] < 1e-6, (mode, difference)
         assert difference['param_change'] > 1e-3, (mode, difference)
+
+    # model.sync_batch_norm: BatchNorm over 8 slices of 4 normalises exactly as over the whole
+    # batch of 32 (up to the order of float32 sums); per-device BatchNorm does not.
+    assert sync_batch_norm['synced']['logits'] < 1e-4, sync_batch_norm
+    assert sync_batch_norm['synced']['batch_stats'] < 1e-5, sync_batch_norm
+    assert sync_batch_norm['per_device']['logits'] > 1e-2, sync_batch_norm
+    assert sync_batch_norm['per_device']['batch_stats'] > 1e-3, sync_batch_norm
 
 
 def demo_run_args(workdir, num_epochs):
