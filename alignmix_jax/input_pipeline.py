@@ -2,7 +2,8 @@
 
 This module targets datasets that fit in host memory (CIFAR: 50,000 x 32x32x3 uint8 images are
 150 MB). A dataset is read and decoded once, with tf.data/tfds, into uint8 numpy arrays
-(`Split`, `Dataset`); streaming from disk for ImageNet-scale data will be added later.
+(`Split`, `Dataset`). ImageNet ('imagenet2012', 'imagenet_folder') is streamed from disk by
+`alignmix_jax.imagenet_input` with the same interface; `load_dataset` hands it over.
 
 - `train_batches` cuts training batches on the host from a permutation per epoch,
   `np.random.default_rng([seed, epoch]).permutation(n)`, dropping the incomplete last batch.
@@ -50,6 +51,8 @@ _TFDS_DOWNLOAD_HOSTS = {'cifar10': 'www.cs.toronto.edu', 'cifar100': 'www.cs.tor
 _PROBE_TIMEOUT_SECONDS = 10.0
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _SPLITS = ('train', 'test')
+# Streamed by alignmix_jax.imagenet_input rather than held in memory.
+IMAGENET_DATASETS = ('imagenet2012', 'imagenet_folder')
 
 
 class DatasetError(Exception):
@@ -111,6 +114,11 @@ class Dataset:
 def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
     """Reads the dataset named by `config.dataset` into memory (see the module docstring)."""
     name = dataset_config.name
+    if name in IMAGENET_DATASETS:
+        # Streamed from disk with host-side augmentation; imported here because it builds on
+        # this module's helpers.
+        from alignmix_jax import imagenet_input
+        return imagenet_input.load_imagenet(dataset_config)
     if name in _TFDS_DOWNLOAD_HOSTS:
         dataset = _load_tfds(name, dataset_config.data_dir, download=dataset_config.download)
     elif name == 'image_folder':
@@ -119,7 +127,8 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
         dataset = _load_demo(DEMO_DATA_PATH)
     else:
         raise ValueError(f'unknown dataset {name!r}; expected one of '
-                         f'{sorted(_TFDS_DOWNLOAD_HOSTS) + ["image_folder", "demo"]}')
+                         f'{sorted(_TFDS_DOWNLOAD_HOSTS) + ["image_folder", "demo"]} or '
+                         f'{IMAGENET_DATASETS}')
     if dataset_config.train_subset:
         train = _class_balanced_subset(dataset.train, dataset_config.train_subset)
         dataset = dataclasses.replace(dataset, train=train)
