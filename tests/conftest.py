@@ -18,6 +18,12 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def init_key(seed: int) -> jax.Array:
+    """A key for model.init in tests: threefry takes ~10 s here to compile the draws of a
+    ResNet's parameter tensors; the rbg bit generator compiles in ~3 s, same initialisers."""
+    return jax.random.key(seed, impl='rbg')
+
+
 def make_tiny_config():
     """A seconds-long run: 64 demo training images, an eighth-width PreActResNet18."""
     config = demo.get_config()

@@ -11,16 +11,11 @@ import pytest
 from alignmix_jax.models import build_model
 from alignmix_jax.models.preact_resnet import PreActBlock
 from configs import default
+from tests.conftest import init_key
 
 NUM_CLASSES = 10
 BATCH = 4
 SMALL_WIDTH = 0.125
-
-
-def init_key(seed):
-    # Threefry takes ~10 s here to compile the draws of ~60 parameter tensors; the rbg bit
-    # generator compiles in ~3 s and feeds the same initialisers.
-    return jax.random.key(seed, impl='rbg')
 
 
 def model_config(**overrides):

@@ -10,17 +10,13 @@ import pytest
 
 from alignmix_jax.models import ENCODERS, ResNet50, build_model
 from configs import default
+from tests.conftest import init_key
 
 SMALL_WIDTH = 0.125
 SMALL_SIZE = 64
 BATCH = 4
 # sum(p.numel() for p in torchvision.models.resnet50().parameters()), 1000 classes.
 TORCHVISION_RESNET50_PARAMETERS = 25_557_032
-
-
-def init_key(seed):
-    # The rbg generator compiles the draws of ~160 parameter tensors much faster than threefry.
-    return jax.random.key(seed, impl='rbg')
 
 
 def model_config(**overrides):
