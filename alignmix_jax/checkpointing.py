@@ -5,6 +5,7 @@ Each checkpoint holds the train state (a pytree) and a small JSON record of the 
 renames it when complete, so a run killed at any moment leaves only whole checkpoints behind.
 """
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -73,3 +74,70 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, step: int 
         raise _unreadable(directory, f'the checkpoint of step {step}',
                           f'{reason}; or it was written with a different model config') from error
     return restored.state, dict(restored.progress), step
+
+
+def restore_variables(workdir: str, abstract_variables: dict, *, step: int | None = None):
+    """(variables, step): only the model's variables of `step` or the latest checkpoint.
+
+    For evaluation, which has no optimizer and no train state: `abstract_variables` is a dict
+    such as {'params': ..., 'batch_stats': ...} of jax.ShapeDtypeStruct trees (with shardings),
+    naming fields of the saved train state; the optimizer state and the rest stay on disk.
+    Raises CheckpointError with one line saying what to do when there is nothing to restore.
+    """
+    root = epath.Path(workdir)
+    if not root.is_dir():
+        raise CheckpointError(f'workdir {root} does not exist: train first with `python -m '
+                              f'alignmix_jax.main --config=... --workdir={root}`')
+    manager = make_manager(workdir, read_only=True)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            # The same messages as for training: damaged, or empty (then: train first).
+            restore_latest(manager, None, required=True)
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(f'no checkpoint of step {step} in {manager.directory}; '
+                                  f'available steps: {sorted(steps)}')
+        _check_variables_fit(manager.directory / str(step) / 'state', abstract_variables)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract_variables,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
+                    partial_restore=True)))
+        except Exception as error:  # orbax raises many types for damaged or mismatched files
+            reason = str(error).splitlines()[0][:200] if str(error) else ''
+            raise CheckpointError(
+                f'the checkpoint of step {step} in {manager.directory} does not fit the model '
+                f'({type(error).__name__}: {reason}): pass the config and overrides it was '
+                f'trained with') from error
+    finally:
+        # Stops orbax's background threads, which would otherwise print tracebacks at exit.
+        manager.close()
+    return dict(restored.state), step
+
+
+def _check_variables_fit(state_directory: epath.Path, abstract_variables: dict) -> None:
+    """CheckpointError naming the first variable the checkpoint lacks or holds in another shape.
+
+    Checked from orbax's metadata before restoring: a failed restore leaves orbax's background
+    work behind, which prints tracebacks at exit.
+    """
+    try:
+        saved = ocp.PyTreeCheckpointer().metadata(state_directory).item_metadata.tree
+    except Exception as error:  # orbax raises many types for damaged files
+        raise _unreadable(state_directory.parent, f'the checkpoint in {state_directory.parent}',
+                          type(error).__name__) from error
+    for path, wanted in jax.tree_util.tree_flatten_with_path(abstract_variables)[0]:
+        keys = [str(getattr(entry, 'key', entry)) for entry in path]
+        node = saved
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        name = '/'.join(keys)
+        if node is None or tuple(node.shape) != tuple(wanted.shape):
+            found = 'no such variable' if node is None else f'shape {tuple(node.shape)}'
+            raise CheckpointError(
+                f'the checkpoint in {state_directory.parent} does not fit the model: {name} '
+                f'has {found} there, shape {tuple(wanted.shape)} in the model; pass the config '
+                f'and overrides it was trained with')

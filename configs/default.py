@@ -72,4 +72,35 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every_steps = 100
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
+
+    # Evaluations (alignmix_jax/evaluation): `python -m alignmix_jax.evaluation.<kind>` reads
+    # these options, and `evaluation.make_evaluator(kind, context, config.evals)` passes them to
+    # the kind's Evaluator. batch_size 0: train.eval_batch_size.
+    config.evals = ml_collections.ConfigDict()
+    config.evals.classification = ml_collections.ConfigDict()
+    config.evals.classification.batch_size = 0
+    # Paper Table 2 (the protocol of Kim et al. 2020): FGSM in an l-inf ball of 8/255; PGD in
+    # one of 4/255, steps of 2/255, uniform random start; pixels in [0, 1].
+    config.evals.robustness = ml_collections.ConfigDict()
+    config.evals.robustness.batch_size = 0
+    config.evals.robustness.fgsm_epsilon = 8 / 255
+    config.evals.robustness.pgd_epsilon = 4 / 255
+    config.evals.robustness.pgd_step_size = 2 / 255
+    config.evals.robustness.pgd_steps = 20
+    config.evals.robustness.num_examples = 0  # > 0: a fixed random subset of the test set
+    config.evals.robustness.seed = 0  # PGD's random start
+    config.evals.calibration = ml_collections.ConfigDict()
+    config.evals.calibration.batch_size = 0
+    config.evals.calibration.num_bins = 15  # equal-width confidence bins of ECE and OE
+    # Out-of-distribution sets, scored by the maximum softmax probability: 'uniform',
+    # 'gaussian' (noise images, paper Table 6), 'tfds:NAME[:SPLIT]', 'image_folder:PATH' (all
+    # images below PATH, resized or centre-cropped to the input size), 'held_out' (the test
+    # images of dataset.held_out_classes).
+    config.evals.ood = ml_collections.ConfigDict()
+    config.evals.ood.batch_size = 0
+    config.evals.ood.datasets = ('uniform', 'gaussian')
+    config.evals.ood.num_noise_images = 0  # 0: as many as the test set has
+    config.evals.ood.seed = 0  # the noise images
+    config.evals.ood.resize = 'crop'  # 'crop' (centre crop) or 'resize', for image sources
+    config.evals.ood.data_dir = config_dict.placeholder(str)  # tfds data_dir of tfds sources
     return config
