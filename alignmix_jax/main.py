@@ -15,6 +15,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from alignmix_jax.config_errors import parse_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
 flags.mark_flags_as_required(['workdir'])
@@ -24,23 +26,6 @@ flags.DEFINE_string('coordinator_address', None,
                     'HOST:PORT of process 0 in a multi-process run (not needed under SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.')
 flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.')
-
-
-def parse_flags(argv):
-    """absl's flag parsing, with one clear line for a bad config override."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:  # e.g. a value of the wrong type
-        raise SystemExit(f'error: {error}') from None
-    except (AttributeError, KeyError) as error:
-        # ml_collections reports a field that does not exist as a KeyError (wrapped in an
-        # AttributeError) whose message is the field name plus a "Did you mean" line.
-        message = error
-        while isinstance(message, BaseException) and message.args:
-            message = message.args[0]
-        detail = ' '.join(str(message).split())
-        raise SystemExit(f'error: no config field {detail}; the fields are listed in '
-                         f'configs/default.py') from None
 
 
 def _hide_library_info(record: python_logging.LogRecord) -> bool:

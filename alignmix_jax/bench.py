@@ -1,0 +1,146 @@
+"""Speed of the pieces of a training step: `python -m alignmix_jax.bench --config=... [overrides]`.
+
+Measures, on the devices JAX sees and with the config's model, batch size and mixup settings:
+
+- the median milliseconds of one training step of each mixup mode in `config.mixup.modes`,
+  after warm-up (compilation and the first steps are excluded), with the result blocked on;
+- the alignment alone (Sinkhorn plan + Eq. 10 for every pair of a batch) on feature tensors of
+  the shape the model's F produces for this batch;
+- the input pipeline: images per second from the dataset's batch iterator to arrays on the
+  devices (the train step augments on the device; that cost is inside the step times).
+
+Prints a table, then, as the last line, one JSON object with these figures.
+"""
+
+import json
+import statistics
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from alignmix_jax.config_errors import parse_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flags_as_required(['config'])
+flags.DEFINE_integer('steps', 5, 'Timed repetitions of each measurement (the median is kept).')
+flags.DEFINE_integer('warmup', 2, 'Untimed repetitions first (the first one compiles).')
+flags.DEFINE_integer('input_batches', 200, 'Batches read to time the input pipeline.')
+
+
+def _median_milliseconds(run, *, warmup: int, repeats: int) -> float:
+    """Median wall time of `run()` in ms; `run` must block until its result is ready."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int = 200) -> dict:
+    """The figures described in the module docstring, as a dict."""
+    import jax
+    import jax.numpy as jnp
+
+    from alignmix_jax import alignment, input_pipeline, mixup, sharding, train
+    from alignmix_jax.models import build_model
+
+    modes = tuple(dict.fromkeys(mixup.validate_modes(config.mixup.modes)))  # unique, in order
+    dataset = input_pipeline.load_dataset(config.dataset)
+    batch_size = config.train.batch_size
+    model = build_model(config.model, dataset.num_classes, batch_norm_axis=(
+        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
+    steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples, batch_size)
+    batches = dataset.train_batches(batch_size, seed=config.seed)
+    images, labels = sharding.global_batch(next(batches), mesh)
+
+    step_fn = train.make_train_step(model, config, mesh)
+    step_ms = {}
+    for mode in modes:
+        # The step donates its state: each call hands the new state to the next.
+        holder = [train.create_train_state(config, model, dataset.image_shape, steps_per_epoch,
+                                           mesh)]
+
+        def run_step(mode=mode, holder=holder):
+            holder[0], step_metrics = step_fn(holder[0], images, labels, mode=mode)
+            jax.block_until_ready((holder[0].params, step_metrics))
+
+        step_ms[mode] = _median_milliseconds(run_step, warmup=warmup, repeats=repeats)
+        logging.info('%s step: %.1f ms', mode, step_ms[mode])
+
+    # The alignment alone, on post-ReLU-like features of F's output shape for this batch.
+    feature_shape = jax.eval_shape(
+        lambda x: model.apply(
+            model.init(jax.random.PRNGKey(0), x[:1], train=False), x, train=False,
+            method='features'),
+        jax.ShapeDtypeStruct((batch_size, *dataset.image_shape), jnp.float32)).shape
+    features = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), feature_shape))
+    permutation = jax.random.permutation(jax.random.PRNGKey(2), batch_size)
+
+    @jax.jit
+    def align_batch(features):
+        anchor, partner = mixup.pair(features, permutation)
+        plan = alignment.transport_plan(anchor, partner, epsilon=config.mixup.epsilon,
+                                        num_iters=config.mixup.sinkhorn_iters)
+        return alignment.apply_plan(plan, partner)
+
+    alignment_ms = _median_milliseconds(lambda: align_batch(features).block_until_ready(),
+                                        warmup=warmup, repeats=repeats)
+
+    # Host batches to device arrays, as the training loop feeds them.
+    def feed():
+        fed = [sharding.global_batch(next(batches), mesh) for _ in range(input_batches)]
+        jax.block_until_ready(fed)
+
+    feed()  # warm-up: first transfers, any lazy dataset work
+    start = time.perf_counter()
+    feed()
+    input_images_per_second = input_batches * batch_size / (time.perf_counter() - start)
+
+    result = {
+        'platform': jax.devices()[0].platform, 'devices': mesh.size,
+        'model': config.model.name, 'width': config.model.width, 'dtype': config.model.dtype,
+        'batch_size': batch_size, 'feature_shape': list(feature_shape),
+        'step_ms': step_ms, 'alignment_ms': alignment_ms,
+        'input_images_per_second': input_images_per_second,
+    }
+    if 'input' in step_ms:
+        result['step_ratio_to_input'] = {mode: ms / step_ms['input']
+                                         for mode, ms in step_ms.items()}
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f'{result["model"]} x{result["width"]} ({result["dtype"]}), batch '
+             f'{result["batch_size"]}, {result["devices"]} {result["platform"]} device(s); '
+             f'A is {"x".join(map(str, result["feature_shape"][1:]))}',
+             f'{"what":<34}{"median ms":>12}{"x input step":>14}']
+    ratios = result.get('step_ratio_to_input', {})
+    for mode, ms in result['step_ms'].items():
+        ratio = f'{ratios[mode]:.3f}' if mode in ratios else '-'
+        lines.append(f'{"train step, " + mode:<34}{ms:>12.1f}{ratio:>14}')
+    lines.append(f'{"alignment of the batch":<34}{result["alignment_ms"]:>12.1f}{"-":>14}')
+    lines.append(f'input pipeline: {result["input_images_per_second"]:,.0f} images/s')
+    return '\n'.join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
+
+    result = benchmark(FLAGS.config, warmup=FLAGS.warmup, repeats=FLAGS.steps,
+                       input_batches=FLAGS.input_batches)
+    print(format_table(result))
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=parse_flags)
