@@ -53,6 +53,8 @@ _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _SPLITS = ('train', 'test')
 # Streamed by alignmix_jax.imagenet_input rather than held in memory.
 IMAGENET_DATASETS = ('imagenet2012', 'imagenet_folder')
+# CUB-200-2011 (official archive, tfds), with boxes: alignmix_jax.cub_input.
+CUB_DATASETS = ('cub', 'caltech_birds2011')
 
 
 class DatasetError(Exception):
@@ -119,6 +121,10 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
         # this module's helpers.
         from alignmix_jax import imagenet_input
         return imagenet_input.load_imagenet(dataset_config)
+    if name in CUB_DATASETS:
+        # CUB-200-2011 with its test boxes, for weakly-supervised localisation.
+        from alignmix_jax import cub_input
+        return cub_input.load_cub(dataset_config)
     if name in _TFDS_DOWNLOAD_HOSTS:
         dataset = _load_tfds(name, dataset_config.data_dir, download=dataset_config.download)
     elif name == 'image_folder':
@@ -128,7 +134,7 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
     else:
         raise ValueError(f'unknown dataset {name!r}; expected one of '
                          f'{sorted(_TFDS_DOWNLOAD_HOSTS) + ["image_folder", "demo"]} or '
-                         f'{IMAGENET_DATASETS}')
+                         f'{IMAGENET_DATASETS} or {CUB_DATASETS}')
     if dataset_config.train_subset:
         train = _class_balanced_subset(dataset.train, dataset_config.train_subset)
         dataset = dataclasses.replace(dataset, train=train)
