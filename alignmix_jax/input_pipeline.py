@@ -94,6 +94,9 @@ class Dataset:
     test: Split
     num_classes: int
     class_names: tuple[str, ...]
+    # The test images of the classes removed by `config.dataset.held_out_classes` (labels:
+    # their original class indices), for out-of-distribution evaluation; None if none were.
+    held_out_test: Split | None = None
 
     @property
     def num_train_examples(self) -> int:
@@ -116,6 +119,8 @@ class Dataset:
 def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
     """Reads the dataset named by `config.dataset` into memory (see the module docstring)."""
     name = dataset_config.name
+    if name in IMAGENET_DATASETS and dataset_config.get('held_out_classes'):
+        raise DatasetError('held_out_classes needs a dataset held in memory, not ImageNet')
     if name in IMAGENET_DATASETS:
         # Streamed from disk with host-side augmentation; imported here because it builds on
         # this module's helpers.
@@ -135,10 +140,46 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
         raise ValueError(f'unknown dataset {name!r}; expected one of '
                          f'{sorted(_TFDS_DOWNLOAD_HOSTS) + ["image_folder", "demo"]} or '
                          f'{IMAGENET_DATASETS} or {CUB_DATASETS}')
+    if dataset_config.get('held_out_classes'):
+        dataset = hold_out_classes(dataset, dataset_config.held_out_classes)
     if dataset_config.train_subset:
         train = _class_balanced_subset(dataset.train, dataset_config.train_subset)
         dataset = dataclasses.replace(dataset, train=train)
     return dataset
+
+
+def hold_out_classes(dataset: Dataset, held_out: Sequence[str | int]) -> Dataset:
+    """The dataset without the classes `held_out` (names or indices), relabelled 0..k-1.
+
+    For the held-out-classes protocol of OOD detection: train on the other classes, and treat
+    the held-out classes' test images (kept in `held_out_test`) as out-of-distribution. The
+    remaining classes keep their order.
+    """
+    removed = set()
+    for name in held_out:
+        if isinstance(name, int) and 0 <= name < dataset.num_classes:
+            removed.add(name)
+        elif name in dataset.class_names:
+            removed.add(dataset.class_names.index(name))
+        else:
+            raise DatasetError(f'held_out_classes: no class {name!r}; the classes are '
+                               f'{", ".join(dataset.class_names)}')
+    kept = [label for label in range(dataset.num_classes) if label not in removed]
+    if not kept:
+        raise DatasetError('held_out_classes holds out every class')
+    new_label = np.full(dataset.num_classes, -1, np.int32)
+    new_label[kept] = np.arange(len(kept), dtype=np.int32)
+
+    def keep(split: Split) -> Split:
+        chosen = new_label[split.labels] >= 0
+        return Split(images=split.images[chosen], labels=new_label[split.labels[chosen]])
+
+    is_held_out = new_label[dataset.test.labels] < 0
+    held_out_test = Split(images=dataset.test.images[is_held_out],
+                          labels=dataset.test.labels[is_held_out])
+    return Dataset(train=keep(dataset.train), test=keep(dataset.test), num_classes=len(kept),
+                   class_names=tuple(dataset.class_names[label] for label in kept),
+                   held_out_test=held_out_test)
 
 
 def _class_balanced_subset(split: Split, size: int) -> Split:

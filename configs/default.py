@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.download = True
     # Use a fixed random subset of this many training images (0: all of them).
     config.dataset.train_subset = 0
+    # Classes (names or indices) removed from training and testing, the rest relabelled 0..k-1;
+    # their test images are the OOD set 'held_out' of evals.ood (held-out-classes protocol).
+    config.dataset.held_out_classes = ()
     # Per-channel normalisation of the public AlignMixup code (both CIFAR-10 and CIFAR-100).
     config.dataset.mean = (0.4914, 0.4822, 0.4465)
     config.dataset.std = (0.2023, 0.1994, 0.2010)

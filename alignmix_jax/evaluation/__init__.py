@@ -19,7 +19,7 @@ import importlib
 
 # Each kind is the module alignmix_jax.evaluation.<kind>, which holds its `Evaluator` class;
 # add a new kind here.
-KINDS = ('classification',)
+KINDS = ('classification', 'robustness', 'calibration', 'ood')
 
 
 def evaluator_class(kind: str):

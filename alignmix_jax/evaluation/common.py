@@ -170,9 +170,10 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
     return EvalContext(config=config, model=model, dataset=dataset, mesh=mesh), variables, step
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A plain text table; floats with four decimals."""
-    cells = [[f'{value:.4f}' if isinstance(value, float) else str(value) for value in row]
+def format_table(header: Sequence[str], rows: Sequence[Sequence], decimals: int = 2) -> str:
+    """A plain text table, floats with `decimals` decimals."""
+    cells = [[f'{value:.{decimals}f}' if isinstance(value, float) else str(value)
+              for value in row]
              for row in [header, *rows]]
     widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
     lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
