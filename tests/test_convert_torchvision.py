@@ -68,8 +68,8 @@ class TorchResNet50(nn.Module):
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        for stage, (planes, blocks, stride) in enumerate(
-                zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, last_stride)), start=1):
+        stages = zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, last_stride), strict=True)
+        for stage, (planes, blocks, stride) in enumerate(stages, start=1):
             planes = channels(planes, width)
             layers = []
             for block in range(blocks):
