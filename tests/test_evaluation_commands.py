@@ -1,0 +1,136 @@
+"""End to end: each evaluation command on a tiny checkpoint trained here, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from alignmix_jax import checkpointing, input_pipeline, train
+from alignmix_jax.evaluation import common, ood
+from tests.conftest import REPO_ROOT, make_tiny_config
+
+# The tiny config as command-line overrides of configs/demo.py (the fields evaluation reads).
+TINY_OVERRIDES = ('--config.model.width=0.125', '--config.train.eval_batch_size=250')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('tiny_run'))
+    result = train.train_and_evaluate(make_tiny_config(), workdir)
+    return workdir, result
+
+
+def run_command(kind, workdir, *overrides):
+    environment = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.environ.get(
+        'ALIGNMIX_TEST_JAX_CACHE', '/tmp/alignmix_jax_test_cache'),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    completed = subprocess.run(
+        [sys.executable, '-m', f'alignmix_jax.evaluation.{kind}', '--config=configs/demo.py',
+         f'--workdir={workdir}', *TINY_OVERRIDES, *overrides],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    with open(os.path.join(workdir, 'eval', f'{kind}.json')) as json_file:
+        record = json.load(json_file)
+    assert record['kind'] == kind and record['step'] == 8  # the latest checkpoint
+    return record['results'], completed.stdout
+
+
+def test_classification_command_matches_the_trainers_evaluation(trained):
+    workdir, result = trained
+    results, printed = run_command('classification', workdir)
+    assert results['num_examples'] == 1000  # every demo test image once
+    assert results['top1_error'] == pytest.approx(1 - result['final_test_accuracy'], abs=1e-6)
+    assert 0 <= results['top5_error'] <= results['top1_error'] <= 1
+    assert 'top-1 error (%)' in printed and f'{100 * results["top1_error"]:.2f}' in printed
+
+
+def test_robustness_command(trained):
+    workdir, _ = trained
+    results, printed = run_command('robustness', workdir,
+                                   '--config.evals.robustness.num_examples=100',
+                                   '--config.evals.robustness.batch_size=100')
+    assert results['num_examples'] == 100
+    assert results['fgsm_top1_error'] >= results['clean_top1_error']
+    assert results['pgd_top1_error'] >= results['clean_top1_error']
+    assert results['pgd_steps'] == 20 and results['fgsm_epsilon'] == pytest.approx(8 / 255)
+    assert 'PGD, eps 4/255, 20 steps of 2/255' in printed
+
+
+def test_calibration_command(trained):
+    workdir, _ = trained
+    results, printed = run_command('calibration', workdir)
+    counts = np.array(results['bin_counts'])
+    assert len(counts) == 15 and counts.sum() == 1000
+    filled = counts > 0
+    gaps = np.abs(np.array(results['bin_accuracy'], float)[filled]
+                  - np.array(results['bin_confidence'], float)[filled])
+    assert results['ece'] == pytest.approx(np.sum(counts[filled] / 1000 * gaps))
+    assert 0 <= results['oe'] <= results['ece'] <= 1
+    with open(os.path.join(workdir, 'eval', 'calibration_reliability.png'), 'rb') as png:
+        assert png.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert 'ECE (%)' in printed
+
+
+def test_ood_command_against_scores_computed_here(trained):
+    workdir, _ = trained
+    results, printed = run_command('ood', workdir)
+    assert set(results) == {'uniform', 'gaussian'}
+    # The same scores, computed without the evaluation's batching: the model on whole sets.
+    config = make_tiny_config()
+    context, variables, _ = common.load(config, workdir)
+
+    def max_softmax(images):
+        normalized = input_pipeline.normalize(images, config.dataset.mean, config.dataset.std)
+        logits = context.model.apply(variables, normalized, train=False)
+        return np.asarray(jax.nn.softmax(logits).max(-1))
+
+    in_scores = max_softmax(context.dataset.test.images)
+    for name in ('uniform', 'gaussian'):
+        figures = results[name]
+        assert figures['num_in'] == 1000 and figures['num_out'] == 1000
+        out_scores = max_softmax(ood.noise_images(name, 1000, (32, 32, 3), seed=0))
+        is_in = np.r_[np.ones(1000), np.zeros(1000)]
+        assert figures['auroc'] == pytest.approx(
+            sk_metrics.roc_auc_score(is_in, np.r_[in_scores, out_scores]), abs=1e-4)
+        assert 0.5 <= figures['detection_accuracy'] <= 1
+        assert 0 <= figures['aupr_in'] <= 1 and 0 <= figures['aupr_out'] <= 1
+    assert 'AUROC' in printed and 'gaussian' in printed
+
+
+def test_held_out_classes_protocol(tmp_path):
+    config = make_tiny_config()
+    config.dataset.held_out_classes = ('cat', 'dog')
+    config.train.num_epochs = 1
+    config.mixup.modes = ('input',)  # one compiled step is enough here
+    train.train_and_evaluate(config, str(tmp_path))
+    context, variables, _ = common.load(config, str(tmp_path))
+    assert context.num_classes == 8
+    evaluator = ood.Evaluator(context, datasets=('held_out',))
+    figures = evaluator.run(variables)['held_out']
+    # The demo test set has 100 images per class: 8 classes in, 2 out.
+    assert (figures['num_in'], figures['num_out']) == (800, 200)
+    assert 0.5 <= figures['detection_accuracy'] <= 1
+
+
+def test_errors_are_one_line(trained, tmp_path):
+    workdir, _ = trained
+    config = make_tiny_config()
+    with pytest.raises(checkpointing.CheckpointError, match='train first'):
+        common.evaluate_workdir('classification', config, str(tmp_path))
+    with pytest.raises(checkpointing.CheckpointError, match=r'available steps: \[4, 6, 8\]'):
+        common.evaluate_workdir('classification', config, workdir, step=5)
+    record, _ = common.evaluate_workdir('classification', config, workdir, step=6)
+    assert record['step'] == 6
+    config.model.width = 0.25
+    with pytest.raises(checkpointing.CheckpointError, match='does not fit the model'):
+        common.evaluate_workdir('classification', config, workdir)
+    completed = subprocess.run([sys.executable, '-m', 'alignmix_jax.evaluation', 'foo'],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown evaluation kind 'foo'; the kinds are classification")
