@@ -148,6 +148,7 @@ class LocalizationScores:
 
     thresholds: np.ndarray = dataclasses.field(default_factory=lambda: CAM_THRESHOLDS.copy())
     iou_levels: tuple[float, ...] = MAXBOXACC_IOU_LEVELS
+    top1_threshold: float = TOP1_CAM_THRESHOLD  # of the box of top-1 localisation
     _best_ious: list = dataclasses.field(default_factory=list)
     _top1_box_ious: list = dataclasses.field(default_factory=list)
     _correct: list = dataclasses.field(default_factory=list)
@@ -155,7 +156,8 @@ class LocalizationScores:
     def add(self, cam: np.ndarray, gt_boxes: np.ndarray, correct: bool) -> None:
         gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
         self._best_ious.append(best_iou_per_threshold(cam, gt_boxes, self.thresholds))
-        self._top1_box_ious.append(box_iou(largest_region_box(cam), gt_boxes).max())
+        top1_box = largest_region_box(cam, self.top1_threshold)
+        self._top1_box_ious.append(box_iou(top1_box, gt_boxes).max())
         self._correct.append(bool(correct))
 
     @property

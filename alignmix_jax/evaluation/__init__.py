@@ -19,7 +19,7 @@ import importlib
 
 # Each kind is the module alignmix_jax.evaluation.<kind>, which holds its `Evaluator` class;
 # add a new kind here.
-KINDS = ('classification', 'robustness', 'calibration', 'ood')
+KINDS = ('classification', 'robustness', 'calibration', 'ood', 'localization')
 
 
 def evaluator_class(kind: str):
