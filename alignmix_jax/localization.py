@@ -103,15 +103,20 @@ def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
 
 
-def region_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (n, 4) around the 8-connected regions of a boolean (h, w) mask, and their sizes in
-    pixels (n,). No region: empty arrays."""
+def _labelled_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
     if count == 0:
-        return np.zeros((0, 4)), np.zeros((0,), np.int64)
+        return np.zeros((0, 4)), labels, 0
     slices = ndimage.find_objects(labels)
     boxes = np.array([(cols.start, rows.start, cols.stop, rows.stop) for rows, cols in slices],
                      np.float64)
+    return boxes, labels, count
+
+
+def region_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (n, 4) around the 8-connected regions of a boolean (h, w) mask, and their sizes in
+    pixels (n,). No region: empty arrays."""
+    boxes, labels, count = _labelled_boxes(mask)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     return boxes, sizes
 
@@ -132,7 +137,8 @@ def best_iou_per_threshold(cam: np.ndarray, gt_boxes: np.ndarray,
     cam = np.asarray(cam)
     best = np.zeros(len(thresholds))
     for index, threshold in enumerate(thresholds):
-        boxes, _ = region_boxes(cam >= threshold)
+        # ~1 ms per threshold at 224 x 224 (labelling): ~0.1 s per image for 100 thresholds.
+        boxes, _, _ = _labelled_boxes(cam >= threshold)
         if len(boxes):
             best[index] = box_iou(boxes, gt_boxes).max()
     return best
