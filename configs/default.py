@@ -48,6 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
     # BatchNorm statistics in training: False, each device's slice of the batch (as PyTorch's
     # DataParallel, which the public code uses); True, the global batch (cross-device means).
     config.model.sync_batch_norm = False
+    # AlignMixup/AE (paper Section 3.3, Table 8): 'ae' adds a decoder D: e -> x_hat trained by a
+    # fifth mode, 'clean' (reconstruction of clean images), drawn with the mixup modes; 'vae'
+    # makes e a Gaussian posterior (mu, log sigma) with a KL term. 'none': plain AlignMixup.
+    config.model.decoder = 'none'
+    config.model.decoder_channels = 512  # D's starting map, x width; halved by each block
+    # > 0: Table 8's E, a tensor of this many channels made from A by a 2x2 stride-2
+    # convolution, replaces the embedding vector (128 in the paper); mix it with the modes
+    # 'embedding_tensor' and 'embedding_tensor_prime' (aligned like A when mixup.align).
+    config.model.embedding_tensor_channels = 0
 
     config.mixup = ml_collections.ConfigDict()
     # Modes drawn uniformly per batch (Algorithm 1); list a mode twice to double its chance.
@@ -70,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.momentum = 0.9
     config.train.nesterov = False
     config.train.weight_decay = 1e-4
+    # model.decoder='vae': weight of the KL term against the reconstruction loss (both per
+    # pixel value; 1 is the ELBO).
+    config.train.kl_weight = 1.0
     config.train.eval_batch_size = 500
     config.train.eval_every_epochs = 10
     config.train.log_every_steps = 100

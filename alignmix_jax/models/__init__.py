@@ -8,8 +8,8 @@
 import jax.numpy as jnp
 import ml_collections
 
-from alignmix_jax.models.classifier import ENCODERS, Classifier, encoder_class
-from alignmix_jax.models.preact_resnet import PreActResNet18
+from alignmix_jax.models.classifier import DECODER_TYPES, ENCODERS, Classifier, encoder_class
+from alignmix_jax.models.preact_resnet import PreActResNet18, scaled_channels
 from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.wide_resnet import WideResNet
@@ -21,17 +21,38 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
-                batch_norm_axis: str | None = None) -> Classifier:
+                batch_norm_axis: str | None = None, image_shape: tuple[int, ...] | None = None,
+                normalization: tuple | None = None) -> Classifier:
     """The Classifier described by `config.model` (see configs/default.py for the fields).
 
     `batch_norm_axis`: the mesh axis over which training BatchNorm statistics are averaged when
     the model is applied under shard_map (`config.model.sync_batch_norm`); None: per device.
+    `image_shape` (h, w, c) and `normalization` (config.dataset.mean, config.dataset.std): the
+    images the decoder D produces, needed only with `config.model.decoder` 'ae' or 'vae'.
     """
     encoder_class(model_config.name)  # fail here, not at the first init, on an unknown name
     if model_config.dtype not in _DTYPES:
         raise ValueError(f'unknown model dtype {model_config.dtype!r}; valid dtypes: '
                          f'{", ".join(_DTYPES)}')
+    if model_config.decoder not in DECODER_TYPES:
+        raise ValueError(f'unknown model.decoder {model_config.decoder!r}; valid: '
+                         f'{", ".join(DECODER_TYPES)}')
+    decoder_fields = {}
+    if model_config.decoder != 'none':
+        if image_shape is None or normalization is None:
+            raise ValueError('a model with a decoder needs the image shape and normalisation')
+        height, width = image_shape[:2]
+        if height != width:
+            raise ValueError(f'the decoder makes square images; got {height}x{width}')
+        mean, std = normalization
+        decoder_fields = dict(
+            image_size=height, image_mean=tuple(float(v) for v in mean),
+            image_std=tuple(float(v) for v in std),
+            decoder_channels=scaled_channels(model_config.decoder_channels, model_config.width))
     return Classifier(
+        decoder_type=model_config.decoder,
+        embedding_tensor_channels=model_config.embedding_tensor_channels,
+        **decoder_fields,
         num_classes=num_classes,
         encoder_name=model_config.name,
         width=model_config.width,

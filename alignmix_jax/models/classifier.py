@@ -9,6 +9,16 @@ stages one by one (`model.apply(variables, a, train=True, method='embed')`) and 
 them. Parameter tree: 'encoder', 'head_norm' (if `use_head_norm`), 'embedding' (if
 `embedding_dim` > 0), 'classifier'.
 
+Optional stages of the paper's Table 8 (AlignMixup/AE and its ablations):
+
+    decode          D: e -> x_hat     `decoder_type` 'ae' or 'vae' (parameters 'decoder')
+    embed_to_tensor A -> E            `embedding_tensor_channels` > 0: E (b, h/2, w/2, channels)
+                                      by a 2x2 stride-2 convolution (parameters 'tensor_embedding')
+    flatten_embedding E -> e          e is then E flattened, and `embed` is the two in turn
+
+With `decoder_type='vae'`, e is the Gaussian posterior (mu, log sigma) concatenated (parameters
+'posterior'); g classifies mu, D decodes mu + sigma * noise (mu itself without noise).
+
 `dtype` is the computation dtype (e.g. bfloat16); parameters and BatchNorm statistics stay
 float32. `features` and `embed` return the computation dtype; `classify` returns float32 logits
 so the loss is computed in float32.
@@ -22,7 +32,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.models.preact_resnet import BN_EPSILON, BN_MOMENTUM, PreActResNet18
+from alignmix_jax.models.decoder import ResidualDecoder
+from alignmix_jax.models.preact_resnet import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    PreActResNet18,
+    conv_kernel_init,
+)
 from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.wide_resnet import WideResNet
@@ -36,6 +52,9 @@ ENCODERS = {
     # VGG-16 + conv6 (Zhou et al., 2016), the WSOL backbone; no BatchNorm: use_head_norm=False.
     'vgg16_gap': VGG16GAP,
 }
+
+# config.model.decoder: no decoder (AlignMixup), a vanilla or a variational autoencoder.
+DECODER_TYPES = ('none', 'ae', 'vae')
 
 # Variance 1 / (3 fan_in) from a uniform distribution is U(+-1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -63,8 +82,35 @@ class Classifier(nn.Module):
     # A mesh axis name: training BatchNorm statistics are then means over all devices of that
     # axis (the global batch) instead of each device's slice. Only usable under shard_map.
     batch_norm_axis: str | None = None
+    # AlignMixup/AE: 'none', 'ae' or 'vae' (see the module docstring and models/decoder.py).
+    decoder_type: str = 'none'
+    decoder_channels: int = 512  # channels of D's starting map (already scaled by width)
+    image_size: int = 32  # side of the square images D produces
+    # The normalisation of the images F sees: D's outputs lie in the same range.
+    image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # > 0: e is the tensor E made from A by a 2x2 stride-2 convolution (Table 8's {x, E}).
+    embedding_tensor_channels: int = 0
 
     def setup(self):
+        if self.decoder_type not in DECODER_TYPES:
+            raise ValueError(f'unknown decoder {self.decoder_type!r}; valid: '
+                             f'{", ".join(DECODER_TYPES)}')
+        if self.embedding_tensor_channels > 0 and (self.embedding_dim > 0
+                                                   or self.decoder_type == 'vae'):
+            raise ValueError('an embedding tensor E (embedding_tensor_channels > 0) replaces the '
+                             'embedding vector: it excludes embedding_dim > 0 and the VAE')
+        if self.embedding_tensor_channels > 0:
+            self.tensor_embedding = nn.Conv(
+                self.embedding_tensor_channels, (2, 2), strides=(2, 2), padding='VALID',
+                kernel_init=conv_kernel_init, dtype=self.dtype)
+        if self.decoder_type == 'vae':
+            self.posterior = GaussianPosterior(dtype=self.dtype)
+        if self.decoder_type != 'none':
+            self.decoder = ResidualDecoder(
+                image_size=self.image_size, base_channels=self.decoder_channels,
+                mean=self.image_mean, std=self.image_std, dtype=self.dtype,
+                batch_norm_axis=self.batch_norm_axis)
         self.encoder = encoder_class(self.encoder_name)(
             width=self.width, last_stride=self.last_stride, feature_pool=self.feature_pool,
             dtype=self.dtype, batch_norm_axis=self.batch_norm_axis)
@@ -83,18 +129,74 @@ class Classifier(nn.Module):
         """F: normalised images (b, h, w, 3) -> feature tensor A (b, h', w', c), unnormalised."""
         return self.encoder(x, train=train)
 
-    def embed(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """f: feature tensor A (b, h', w', c) -> embedding e (b, d)."""
+    def _head(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.use_head_norm:
             a = nn.relu(self.head_norm(a, use_running_average=not train))
-        embedding = jnp.mean(a.astype(self.dtype), axis=(1, 2))
+        return a.astype(self.dtype)
+
+    def embed(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """f: feature tensor A (b, h', w', c) -> embedding e (b, d); (mu, log sigma) for a VAE."""
+        if self.embedding_tensor_channels > 0:
+            return self.flatten_embedding(self.embed_to_tensor(a, train))
+        embedding = jnp.mean(self._head(a, train), axis=(1, 2))
         if self.embedding_dim > 0:
             embedding = self.embedding(embedding)
+        if self.decoder_type == 'vae':
+            embedding = self.posterior(embedding)
         return embedding
 
+    def embed_to_tensor(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """A (b, h', w', c) -> E (b, h'/2, w'/2, embedding_tensor_channels), to mix or align."""
+        if self.embedding_tensor_channels <= 0:
+            raise ValueError('embed_to_tensor needs embedding_tensor_channels > 0')
+        return self.tensor_embedding(self._head(a, train))
+
+    def flatten_embedding(self, tensor: jnp.ndarray) -> jnp.ndarray:
+        """E (b, h, w, c) -> e (b, h * w * c), the input of g and D."""
+        return tensor.reshape(tensor.shape[0], -1)
+
     def classify(self, e: jnp.ndarray) -> jnp.ndarray:
-        """g: embedding e (b, d) -> float32 logits (b, num_classes)."""
+        """g: embedding e (b, d) -> float32 logits (b, num_classes); a VAE's g reads mu."""
+        if self.decoder_type == 'vae':
+            e = self.posterior_parts(e)[0]
         return self.classifier(e).astype(jnp.float32)
 
+    def posterior_parts(self, e: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """A VAE's embedding (b, 2d) -> (mu, log sigma), each (b, d)."""
+        mean, log_sigma = jnp.split(e, 2, axis=-1)
+        return mean, log_sigma
+
+    def decode(self, e: jnp.ndarray, train: bool, noise: jnp.ndarray | None = None):
+        """D: e (b, d) -> x_hat (b, image_size, image_size, 3), normalised like the input.
+
+        A VAE decodes the reparameterised sample z = mu + sigma * noise (`noise`: standard
+        normal, (b, d)), or mu when `noise` is None (evaluation, pictures).
+        """
+        if self.decoder_type == 'none':
+            raise ValueError('decode needs a decoder: set model.decoder to "ae" or "vae"')
+        if self.decoder_type == 'vae':
+            mean, log_sigma = self.posterior_parts(e)
+            e = mean if noise is None else mean + jnp.exp(log_sigma) * noise.astype(mean.dtype)
+        return self.decoder(e, train=train)
+
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        return self.classify(self.embed(self.features(x, train), train))
+        embedding = self.embed(self.features(x, train), train)
+        if self.decoder_type != 'none' and self.is_initializing():
+            self.decode(embedding, train)  # creates D's variables with the others
+        return self.classify(embedding)
+
+
+class GaussianPosterior(nn.Module):
+    """A VAE's q(z | x): a vector (b, d) -> (mu, log sigma) concatenated, (b, 2d)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        latent_dim = x.shape[-1]
+        mean = nn.Dense(latent_dim, kernel_init=dense_kernel_init, dtype=self.dtype,
+                        name='mean')(x)
+        # Zero kernel and bias: log sigma starts at 0, the prior's unit variance.
+        log_sigma = nn.Dense(latent_dim, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                             name='log_sigma')(x)
+        return jnp.concatenate([mean, log_sigma], axis=-1)
