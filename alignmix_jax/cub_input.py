@@ -286,13 +286,23 @@ def _scale_boxes(edge_boxes: np.ndarray, original_shapes: np.ndarray,
 
 
 def _load_tfds(data_dir, image_size: int, train_resize: int) -> LocalizationDataset:
-    tf = _import_tensorflow()  # configured before tfds starts TensorFlow
+    _import_tensorflow()  # configured before tfds starts TensorFlow
     import tensorflow_datasets as tfds
 
     builder = tfds.builder('caltech_birds2011', data_dir=data_dir)
     if not builder.is_prepared():
         raise DatasetNotFoundError(f'caltech_birds2011 is not prepared in {builder.data_dir}: '
                                    f'{_archive_hint(data_dir)}')
+    return tfds_dataset(builder, image_size=image_size, train_resize=train_resize)
+
+
+def tfds_dataset(builder, *, image_size: int = DEFAULT_IMAGE_SIZE,
+                 train_resize: int = DEFAULT_TRAIN_RESIZE) -> LocalizationDataset:
+    """A LocalizationDataset of a prepared tfds builder with caltech_birds2011's layout:
+    'train' and 'test' splits of encoded 'image's, ClassLabel 'label's and BBox 'bbox'es."""
+    tf = _import_tensorflow()
+    import tensorflow_datasets as tfds
+
     splits, test_boxes = {}, None
     for split, size in (('train', train_resize), ('test', image_size)):
         examples = builder.as_dataset(split=split, shuffle_files=False,

@@ -120,3 +120,48 @@ def test_the_archive_folder_itself_is_accepted_and_subsets_work(archive):
     subset = input_pipeline.load_dataset(dataset_config(root / 'CUB_200_2011', train_subset=6))
     assert subset.num_train_examples == 6
     np.testing.assert_array_equal(np.bincount(subset.train.labels), [2, 2, 2])
+
+
+def test_tfds_layout_gives_the_archive_images_and_boxes(archive, dataset, tmp_path):
+    """A tfds builder with caltech_birds2011's features (its bbox as tfds writes it: relative
+    ymin, xmin, ymax, xmax) over the same images gives the same test images and boxes."""
+    import tensorflow_datasets as tfds
+
+    root, records = archive
+    base = root / 'CUB_200_2011'
+    names = dict(line.split() for line in (base / 'images.txt').read_text().splitlines())
+
+    class FakeCaltechBirds2011(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version('0.2.0')
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(), 'label': tfds.features.ClassLabel(num_classes=3),
+                'bbox': tfds.features.BBoxFeature()}))
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {'train': self._generate_examples(True),
+                    'test': self._generate_examples(False)}
+
+        def _generate_examples(self, train):
+            for image_id, (label, is_train, (x, y, w, h), (width, height)) in records.items():
+                if is_train == train:
+                    yield image_id, {
+                        'image': str(base / 'images' / names[str(image_id)]), 'label': label,
+                        'bbox': tfds.features.BBox(ymin=y / height, xmin=x / width,
+                                                   ymax=(y + h) / height, xmax=(x + w) / width)}
+
+    builder = FakeCaltechBirds2011(data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    from_tfds = cub_input.tfds_dataset(builder, image_size=IMAGE_SIZE, train_resize=TRAIN_RESIZE)
+    assert from_tfds.num_train_examples == dataset.num_train_examples
+    assert len(from_tfds.test.labels) == len(dataset.test.labels)
+    # tfds orders examples by a hash of their keys: match the test images by content.
+    for image, label, box in zip(from_tfds.test.images, from_tfds.test.labels,
+                                 from_tfds.test_boxes, strict=True):
+        matches = [i for i, other in enumerate(dataset.test.images)
+                   if np.array_equal(other, image)]
+        assert len(matches) == 1
+        assert dataset.test.labels[matches[0]] == label
+        np.testing.assert_allclose(box, dataset.test_boxes[matches[0]], atol=1e-4)
