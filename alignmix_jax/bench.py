@@ -19,7 +19,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax.config_errors import parse_flags
+from alignmix_jax.command_line import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)

@@ -9,13 +9,12 @@ job; see launch/README.md.
 """
 
 import json
-import logging as python_logging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax.config_errors import parse_flags
+from alignmix_jax.command_line import hide_library_info, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
@@ -28,15 +27,10 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-proc
 flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.')
 
 
-def _hide_library_info(record: python_logging.LogRecord) -> bool:
-    """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
-    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    logging.get_absl_handler().addFilter(_hide_library_info)
+    logging.get_absl_handler().addFilter(hide_library_info)
     # TensorFlow only reads data here; keep it off the accelerators JAX uses.
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')

@@ -23,7 +23,6 @@ The evaluation layer reads checkpoints and models; it never imports the trainer 
 
 import dataclasses
 import json
-import logging as python_logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -35,6 +34,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 from alignmix_jax import checkpointing, input_pipeline, sharding
+from alignmix_jax.command_line import hide_library_info, parse_flags
 from alignmix_jax.models import build_model
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # uint8 images, int32 labels, bool mask
@@ -217,25 +217,6 @@ def define_flags() -> None:
     flags.DEFINE_integer('step', None, 'The checkpoint step to evaluate (default: the latest).')
 
 
-def _parse_flags(argv):
-    """absl's parsing, with one line for a bad config override instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        raise SystemExit(f'error: {error}') from None
-    except (AttributeError, KeyError) as error:
-        # ml_collections reports an unknown field as a KeyError wrapped in an AttributeError.
-        message = error
-        while isinstance(message, BaseException) and message.args:
-            message = message.args[0]
-        raise SystemExit(f'error: no config field {" ".join(str(message).split())}; the fields '
-                         f'are listed in configs/default.py') from None
-
-
-def _hide_library_info(record: python_logging.LogRecord) -> bool:
-    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def evaluate_workdir(kind: str, config: ml_collections.ConfigDict, workdir: str,
                      step: int | None = None) -> tuple[dict, str]:
     """The command's work as a function: (the JSON record written, the printed table)."""
@@ -262,7 +243,7 @@ def run_command(kind: str) -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-        logging.get_absl_handler().addFilter(_hide_library_info)
+        logging.get_absl_handler().addFilter(hide_library_info)
         try:
             _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
                                         flags.FLAGS.step)
@@ -271,4 +252,4 @@ def run_command(kind: str) -> None:
             raise SystemExit(f'error: {error}') from None
         print(table)
 
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

@@ -1,7 +1,10 @@
-"""Command-line parsing shared by the entry points: a bad config override is one clear line.
+"""What every command (training, evaluation, benchmark) shares at its entry point.
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_flags)      a bad config override is one clear line
+    logging.get_absl_handler().addFilter(hide_library_info)
 """
+
+import logging as python_logging
 
 from absl import flags
 
@@ -21,3 +24,8 @@ def parse_flags(argv):
         detail = ' '.join(str(message).split())
         raise SystemExit(f'error: no config field {detail}; the fields are listed in '
                          f'configs/default.py') from None
+
+
+def hide_library_info(record: python_logging.LogRecord) -> bool:
+    """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
