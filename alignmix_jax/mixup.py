@@ -14,15 +14,32 @@ from alignmix_jax import alignment
 # so that A' is aligned to A and mixed by Eq. (13) instead of Eq. (12).
 MODES = ('input', 'embedding', 'feature', 'feature_prime')
 FEATURE_MODES = ('feature', 'feature_prime')
+# Table 8's {x, E}: the same two modes on the embedding tensor E instead of A (models with
+# embedding_tensor_channels > 0).
+TENSOR_EMBEDDING_MODES = ('embedding_tensor', 'embedding_tensor_prime')
+# Modes that swap the pair and the labels (Algorithm 1, line 17).
+SWAPPED_MODES = ('feature_prime', 'embedding_tensor_prime')
+# AlignMixup/AE's fifth choice (Algorithm 1, lines 5-7): no mixup, reconstruction of x.
+CLEAN_MODE = 'clean'
+ALL_MODES = MODES + TENSOR_EMBEDDING_MODES + (CLEAN_MODE,)
 
 
-def validate_modes(modes) -> tuple[str, ...]:
-    """Returns `modes` as a tuple, or raises a one-line error naming the unknown ones."""
+def validate_modes(modes, *, with_decoder: bool = False) -> tuple[str, ...]:
+    """The modes to draw from, as a tuple; raises a one-line error naming unknown ones.
+
+    With a decoder, 'clean' joins the listed mixup modes (Algorithm 1, line 2: five choices
+    drawn uniformly), unless it is listed already (list it twice to draw it twice as often).
+    Without one, 'clean' is an error.
+    """
     modes = tuple(modes)
-    unknown = [mode for mode in modes if mode not in MODES]
+    valid = ALL_MODES if with_decoder else MODES + TENSOR_EMBEDDING_MODES
+    unknown = [mode for mode in modes if mode not in valid]
     if not modes or unknown:
         raise ValueError(
-            f'config.mixup.modes must be a non-empty list of {MODES}; got {modes}')
+            f'config.mixup.modes must be a non-empty list of {valid}; got {modes}'
+            + ('' if with_decoder else " ('clean' needs config.model.decoder 'ae' or 'vae')"))
+    if with_decoder and CLEAN_MODE not in modes:
+        modes += (CLEAN_MODE,)
     return modes
 
 
@@ -74,3 +91,19 @@ def mix_features(features: jax.Array, permutation: jax.Array, lam: jax.Array, *,
     # Eq. (10): the anchor aligned to its partner, A~ = A' R^T (no gradient through the plan).
     aligned_partner = alignment.apply_plan(plan, partner)
     return mix(anchor, aligned_partner, lam), plan
+
+
+def reconstruction_loss(images: jax.Array, reconstructions: jax.Array) -> jax.Array:
+    """Algorithm 1, line 7: L_r(x, x_hat) = ||x - x_hat||^2 per example, in float32.
+
+    Divided by the number of pixel values (h w c): the mean squared error, so that the scale of
+    the clean mode's gradient does not grow with the image size.
+    """
+    difference = images.astype(jnp.float32) - reconstructions.astype(jnp.float32)
+    return jnp.mean(jnp.square(difference), axis=tuple(range(1, images.ndim)))
+
+
+def gaussian_kl(mean: jax.Array, log_sigma: jax.Array) -> jax.Array:
+    """KL(N(mean, sigma^2) || N(0, 1)) per example, summed over the latent dimensions."""
+    mean, log_sigma = mean.astype(jnp.float32), log_sigma.astype(jnp.float32)
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(2 * log_sigma) - 1 - 2 * log_sigma, axis=-1)

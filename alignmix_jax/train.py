@@ -15,9 +15,19 @@ single-device training.
 The step is jit-compiled once per mixup mode (the mode is a static argument, drawn on the host
 for each step) and never synchronises with the host: its metrics stay on the device until the
 loop fetches them every `log_every_steps`. Augmentation runs on the device inside the step.
+
+AlignMixup/AE (`model.decoder` 'ae' or 'vae'): a fifth mode, 'clean', trains F, f and the
+decoder D to reconstruct the clean (augmented, normalised) images; the mixup modes train F, f
+and g. Each mode leaves the parameters it does not train bit for bit as they are, together with
+their momentum: the optimizer runs on all parameters, then the step puts back the old values
+of the untouched group (g in 'clean', D in the mixup modes) in the parameters and in every
+parameter-shaped part of the optimizer state. Step counts (and so the learning rate schedule)
+advance for all groups alike. Without this, weight decay and momentum would move g and D on
+steps whose gradient for them is zero.
 """
 
 import functools
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -50,14 +60,23 @@ class EvalMetrics(metrics.Collection):
     loss: metrics.Average.from_output('loss')
 
 
+@struct.dataclass
+class AutoencoderEvalMetrics(metrics.Collection):
+    accuracy: metrics.Accuracy
+    loss: metrics.Average.from_output('loss')
+    # The mean squared error per pixel value of D(f(F(x))) against the normalised test image.
+    reconstruction_error: metrics.Average.from_output('reconstruction_error')
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int):
     """SGD with momentum and weight decay as PyTorch applies them, and the step schedule.
 
     Weight decay is added to the gradient before momentum (torch.optim.SGD's `weight_decay`),
     and the learning rate is multiplied by `lr_decay_factor` at each of `lr_decay_epochs`.
     If `classifier_learning_rate` is set, the classifier g has its own base learning rate (the
-    paper's ImageNet protocol: 0.1 for g, 0.01 for the rest). Returns the optimizer and the
-    schedule of the other layers.
+    paper's ImageNet protocol: 0.1 for g, 0.01 for the rest); `decoder_learning_rate` does the
+    same for the decoder D of AlignMixup/AE. Returns the optimizer and the schedule of the
+    other layers.
     """
     boundaries = {int(epoch * steps_per_epoch): train_config.lr_decay_factor
                   for epoch in train_config.lr_decay_epochs}
@@ -70,16 +89,18 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
                       nesterov=train_config.nesterov)), schedule
 
     optimizer, schedule = sgd(train_config.learning_rate)
-    if train_config.classifier_learning_rate is not None:
-        classifier_optimizer, _ = sgd(train_config.classifier_learning_rate)
-
+    # Top-level parameter group -> its own base learning rate, where one is set.
+    own_rates = {name: rate for name, rate in (
+        ('classifier', train_config.classifier_learning_rate),
+        ('decoder', train_config.get('decoder_learning_rate'))) if rate is not None}
+    if own_rates:
         def parameter_groups(params):
             return {name: jax.tree.map(
-                lambda _, group=('classifier' if name == 'classifier' else 'rest'): group,
+                lambda _, group=(name if name in own_rates else 'rest'): group,
                 subtree) for name, subtree in params.items()}
 
-        optimizer = optax.multi_transform(
-            {'classifier': classifier_optimizer, 'rest': optimizer}, parameter_groups)
+        transforms = {name: sgd(rate)[0] for name, rate in own_rates.items()}
+        optimizer = optax.multi_transform({**transforms, 'rest': optimizer}, parameter_groups)
     return optimizer, schedule
 
 
@@ -103,6 +124,19 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     return jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
 
 
+def training_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The modes drawn per step: config.mixup.modes, plus 'clean' when there is a decoder."""
+    return mixup.validate_modes(config.mixup.modes,
+                                with_decoder=config.model.decoder != 'none')
+
+
+def frozen_groups(mode: str, params) -> tuple[str, ...]:
+    """Top-level parameter groups a step of `mode` must leave untouched (see the module doc)."""
+    if mode == mixup.CLEAN_MODE:
+        return ('classifier',)  # g never sees decoded or clean-only batches
+    return ('decoder',) if 'decoder' in params else ()
+
+
 def choose_mode(modes: tuple[str, ...], seed: int, step: int) -> str:
     """Algorithm 1, line 2: a mode drawn uniformly for this step, reproducible on resume."""
     return modes[np.random.default_rng([seed, _MODE_STREAM, step]).integers(len(modes))]
@@ -118,7 +152,7 @@ def _mixed_forward(mode, model, params, batch_stats, images, one_hot, permutatio
         return outputs, updates['batch_stats']
 
     plan = None
-    swap = mode == 'feature_prime'
+    swap = mode in mixup.SWAPPED_MODES
     if mode == 'input':
         # Eq. (2), (3): e = f(F(mix(x, x'))).
         features, batch_stats = stage('features', mixup.mix(*mixup.pair(
@@ -136,11 +170,49 @@ def _mixed_forward(mode, model, params, batch_stats, images, one_hot, permutatio
             features, permutation, lam, swap=swap, align=mixup_config.align,
             epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters)
         embedding, batch_stats = stage('embed', mixed_features, batch_stats)
+    elif mode in mixup.TENSOR_EMBEDDING_MODES:
+        # Table 8's E: Eq. (12) or (13) on E = conv(A) instead of A, then e = E flattened.
+        features, batch_stats = stage('features', images, batch_stats)
+        tensor, batch_stats = stage('embed_to_tensor', features, batch_stats)
+        mixed_tensor, plan = mixup.mix_features(
+            tensor, permutation, lam, swap=swap, align=mixup_config.align,
+            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters)
+        embedding = model.apply({'params': params}, mixed_tensor, method='flatten_embedding')
     else:
-        raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.MODES}')
+        raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.ALL_MODES}')
     logits = model.apply({'params': params}, embedding, method='classify')
     targets = mixup.mixed_targets(one_hot, permutation, lam, swap=swap)
     return logits, targets, batch_stats, plan
+
+
+def _reconstruction_forward(model, params, batch_stats, images, noise_key, kl_weight):
+    """Algorithm 1, lines 5-7: the loss of D(f(F(x))) against x, BatchNorm statistics, metrics.
+
+    A VAE decodes a reparameterised sample of its posterior and adds the KL term, divided like
+    the reconstruction loss by the number of pixel values (so kl_weight = 1 is the ELBO).
+    """
+
+    def stage(method, inputs, stats, **kwargs):
+        outputs, updates = model.apply({'params': params, 'batch_stats': stats}, inputs,
+                                       train=True, method=method, mutable=['batch_stats'],
+                                       **kwargs)
+        return outputs, updates['batch_stats']
+
+    features, batch_stats = stage('features', images, batch_stats)
+    embedding, batch_stats = stage('embed', features, batch_stats)
+    noise, kl_divergence = None, None
+    if model.decoder_type == 'vae':
+        mean, log_sigma = model.apply({'params': params}, embedding, method='posterior_parts')
+        noise = jax.random.normal(noise_key, mean.shape, jnp.float32)
+        kl_divergence = jnp.mean(mixup.gaussian_kl(mean, log_sigma))
+    reconstructions, batch_stats = stage('decode', embedding, batch_stats, noise=noise)
+    reconstruction_loss = jnp.mean(mixup.reconstruction_loss(images, reconstructions))
+    step_metrics = {'reconstruction_loss': reconstruction_loss}
+    loss = reconstruction_loss
+    if kl_divergence is not None:
+        loss = loss + kl_weight * kl_divergence / np.prod(images.shape[1:])
+        step_metrics['kl_divergence'] = kl_divergence
+    return loss, batch_stats, step_metrics
 
 
 def shard_gradients(state: TrainState, images, labels, device_index, *, mode: str, model,
@@ -158,6 +230,19 @@ def shard_gradients(state: TrainState, images, labels, device_index, *, mode: st
     images = input_pipeline.normalize(images, dataset_config.mean, dataset_config.std)
     one_hot = jax.nn.one_hot(labels, model.num_classes, dtype=jnp.float32)
     permutation, lam = mixup.sample_pairing(pairing_key, labels.shape[0], config.mixup.alpha)
+
+    if mode == mixup.CLEAN_MODE:
+        # The VAE's sampling noise: a key of its own, so the other draws stay as they were.
+        noise_key = jax.random.fold_in(device_key, 1)
+
+        def reconstruction_loss_fn(params):
+            loss, batch_stats, step_metrics = _reconstruction_forward(
+                model, params, state.batch_stats, images, noise_key, config.train.kl_weight)
+            return loss, (batch_stats, step_metrics)
+
+        grad_fn = jax.value_and_grad(reconstruction_loss_fn, has_aux=True)
+        (_, (batch_stats, step_metrics)), grads = grad_fn(state.params)
+        return grads, batch_stats, step_metrics
 
     def loss_fn(params):
         logits, targets, batch_stats, plan = _mixed_forward(
@@ -192,7 +277,35 @@ def train_step(state: TrainState, images, labels, *, mode: str, model,
         state, images, labels, device_index, mode=mode, model=model, config=config)
     grads, batch_stats, step_metrics = jax.lax.pmean((grads, batch_stats, step_metrics),
                                                      sharding.DATA_AXIS)
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), step_metrics
+    return apply_gradients(state, grads, batch_stats, frozen_groups(mode, state.params)), \
+        step_metrics
+
+
+def apply_gradients(state: TrainState, grads, batch_stats, frozen: tuple[str, ...]):
+    """The optimizer step, leaving the `frozen` top-level parameter groups exactly as they are.
+
+    Their parameters, and their entries in every parameter-shaped part of the optimizer state
+    (momentum traces, also inside optax.multi_transform's groups), keep their old values;
+    scalar state such as the step count advances.
+    """
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if frozen:
+        group_names = set(state.params)
+
+        def is_parameter_shaped(node):
+            return isinstance(node, dict) and set(node) == group_names
+
+        def keep_frozen(new, old):
+            if not is_parameter_shaped(new):
+                return new
+            return {name: old[name] if name in frozen else value for name, value in new.items()}
+
+        params = keep_frozen(params, state.params)
+        opt_state = jax.tree.map(keep_frozen, opt_state, state.opt_state,
+                                 is_leaf=is_parameter_shaped)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=batch_stats)
 
 
 def make_train_step(model, config: ml_collections.ConfigDict, mesh):
@@ -215,14 +328,28 @@ def make_train_step(model, config: ml_collections.ConfigDict, mesh):
     return jax.jit(step, static_argnames='mode', donate_argnums=0)
 
 
+def _classify_and_reconstruct(module, images):
+    embedding = module.embed(module.features(images, train=False), train=False)
+    return module.classify(embedding), module.decode(embedding, train=False)
+
+
 def eval_step(state: TrainState, images, labels, mask, *, model,
               dataset_config: ml_collections.ConfigDict) -> EvalMetrics:
     images = input_pipeline.normalize(images, dataset_config.mean, dataset_config.std)
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                         train=False)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    if model.decoder_type == 'none':
+        logits = model.apply(variables, images, train=False)
+    else:
+        # A VAE reconstructs from mu (no sampling noise at evaluation).
+        logits, reconstructions = model.apply(variables, images,
+                                              method=_classify_and_reconstruct)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return EvalMetrics.single_from_model_output(logits=logits, labels=labels, loss=loss,
-                                                mask=mask)
+    if model.decoder_type == 'none':
+        return EvalMetrics.single_from_model_output(logits=logits, labels=labels, loss=loss,
+                                                    mask=mask)
+    return AutoencoderEvalMetrics.single_from_model_output(
+        logits=logits, labels=labels, loss=loss, mask=mask,
+        reconstruction_error=mixup.reconstruction_loss(images, reconstructions))
 
 
 def make_eval_step(model, dataset_config: ml_collections.ConfigDict):
@@ -249,8 +376,9 @@ def evaluate(eval_fn, state: TrainState, dataset, batch_size: int, mesh) -> dict
 class _MetricBuffer:
     """Train metrics of the steps since the last flush, kept on device until fetched."""
 
-    def __init__(self):
+    def __init__(self, modes: tuple[str, ...] = mixup.MODES):
         self.steps, self.modes = [], []
+        self.mode_names = tuple(dict.fromkeys(modes))  # each once, in order
 
     def add(self, mode: str, step_metrics: dict):
         self.modes.append(mode)
@@ -259,18 +387,21 @@ class _MetricBuffer:
     def flush(self, step: int, learning_rate: float) -> dict:
         """Fetches and averages the buffered metrics; raises FloatingPointError on a NaN loss."""
         fetched = jax.device_get(self.steps)
-        losses = np.array([m['loss'] for m in fetched])
+        # Each step's objective: the classification loss, or the reconstruction loss of 'clean'.
+        losses = np.array([m['loss'] if 'loss' in m else m['reconstruction_loss']
+                           for m in fetched])
         if not np.all(np.isfinite(losses)):
             bad = int(np.argmin(np.isfinite(losses)))
             raise FloatingPointError(
                 f'the training loss became {losses[bad]} at step {step - len(losses) + bad + 1} '
                 f'(mode {self.modes[bad]!r})')
         summary = {f'train/{key}': float(np.mean([m[key] for m in fetched if key in m]))
-                   for key in ('loss', 'accuracy', 'lambda', 'marginal_error')
+                   for key in ('loss', 'accuracy', 'lambda', 'marginal_error',
+                               'reconstruction_loss', 'kl_divergence')
                    if any(key in m for m in fetched)}
         counts = Counter(self.modes)
         summary.update({f'train/mode_fraction/{mode}': counts[mode] / len(self.modes)
-                        for mode in mixup.MODES})
+                        for mode in self.mode_names})
         summary['train/learning_rate'] = learning_rate
         self.steps, self.modes = [], []
         return summary
@@ -278,10 +409,14 @@ class _MetricBuffer:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics."""
-    modes = mixup.validate_modes(config.mixup.modes)
+    # Orbax writes only to absolute paths; `--workdir=runs/demo` is relative to the caller.
+    workdir = os.path.abspath(workdir)
+    modes = training_modes(config)
     dataset = input_pipeline.load_dataset(config.dataset)
     model = build_model(config.model, dataset.num_classes, batch_norm_axis=(
-        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
+        sharding.DATA_AXIS if config.model.sync_batch_norm else None),
+        image_shape=dataset.image_shape,
+        normalization=(config.dataset.mean, config.dataset.std))
     train_config = config.train
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples,
                                                      train_config.batch_size)
@@ -315,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = dataset.train_batches(train_config.batch_size, seed=config.seed,
                                     start_step=start_step, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    buffer = _MetricBuffer()
+    buffer = _MetricBuffer(modes)
     eval_every_steps = train_config.eval_every_epochs * steps_per_epoch
     test_metrics = {}
     if start_step < total_steps:
@@ -354,7 +489,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress = {'best_test_accuracy': test_metrics['accuracy'], 'best_epoch': epoch}
                 writer.write_scalars(step, {
                     'test/accuracy': test_metrics['accuracy'], 'test/loss': test_metrics['loss'],
-                    'test/best_accuracy': progress['best_test_accuracy']})
+                    'test/best_accuracy': progress['best_test_accuracy'],
+                    **{f'test/{key}': value for key, value in test_metrics.items()
+                       if key == 'reconstruction_error'}})
                 logging.info('Epoch %d: test accuracy %.2f%% (best so far %.2f%% at epoch %d).',
                              epoch, 100 * test_metrics['accuracy'],
                              100 * progress['best_test_accuracy'], progress['best_epoch'])
@@ -373,6 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               'best_test_accuracy': progress['best_test_accuracy'],
               'best_epoch': progress['best_epoch'], 'steps': total_steps,
               'train_seconds': time.time() - start_time}
+    if 'reconstruction_error' in test_metrics:
+        result['final_test_reconstruction_error'] = test_metrics['reconstruction_error']
     logging.info('Final test accuracy %.2f%% after %d epochs (best during training: %.2f%% at '
                  'epoch %s).', 100 * result['final_test_accuracy'], train_config.num_epochs,
                  100 * (result['best_test_accuracy'] or result['final_test_accuracy']),

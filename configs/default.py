@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 0.1
     # A separate base learning rate for the classifier g (None: the same as the rest).
     config.train.classifier_learning_rate = config_dict.placeholder(float)
+    # The same for the decoder D of AlignMixup/AE (None: the same as the rest; the paper does
+    # not give one). Same schedule.
+    config.train.decoder_learning_rate = config_dict.placeholder(float)
     config.train.lr_decay_epochs = (500, 1000, 1500)
     config.train.lr_decay_factor = 0.1
     config.train.momentum = 0.9

@@ -83,8 +83,11 @@ class ResidualDecoder(nn.Module):
                                   batch_norm_axis=self.batch_norm_axis,
                                   name=f'block{block}')(out, train)
         out = nn.relu(batch_norm(train, self.dtype, 'out_norm', self.batch_norm_axis)(out))
+        # Flax's default fan-in initialisation here, not He's fan-out one: with 3 output
+        # channels the latter puts the pre-tanh values at a standard deviation of ~2, where tanh
+        # saturates and the reconstruction gradient vanishes from the first step.
         out = nn.Conv(len(self.mean), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                      kernel_init=conv_kernel_init, name='out_conv')(out)
+                      name='out_conv')(out)
         pixels = (jnp.tanh(out.astype(jnp.float32)) + 1.0) / 2.0  # in [0, 1]
         return (pixels - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std,
                                                                              jnp.float32)
