@@ -6,12 +6,23 @@
 PreActResNet18 and a short step schedule; everything else as in the paper (all four mixup
 modes, aligned, Sinkhorn eps 0.1 for 100 iterations). See the README for the time it takes
 and the test accuracy it reaches.
+
+AlignMixup/AE, with the decoder, so that the pictures of alignmix_jax/visualize.py can be
+drawn from it (`:ae` after the file name selects it):
+
+    python -m alignmix_jax.main --config=configs/demo.py:ae --workdir=runs/demo_ae
+    python -m alignmix_jax.visualize --config=configs/demo.py:ae --workdir=runs/demo_ae
+
+It adds the decoder and the 'clean' mode, and gives D a base learning rate of 0.02: at the
+paper's 0.1 (which F, f and g keep), the reconstruction loss of this short run stays above that
+of predicting the mean image.
 """
 
 from configs import default
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    """The demo; `variant` 'ae' (from `--config=configs/demo.py:ae`) is AlignMixup/AE."""
     config = default.get_config()
     config.dataset.name = 'demo'
     config.model.width = 0.25
@@ -20,4 +31,9 @@ def get_config():
     config.train.eval_every_epochs = 5
     config.train.log_every_steps = 39
     config.train.checkpoint_every_steps = 100
+    if variant == 'ae':
+        config.model.decoder = 'ae'
+        config.train.decoder_learning_rate = 0.02
+    elif variant is not None:
+        raise ValueError(f'unknown demo variant {variant!r}; the one variant is "ae"')
     return config
