@@ -20,7 +20,8 @@ def demo_dataset():
 
 
 def restore_params(workdir, config, dataset):
-    model = build_model(config.model, dataset.num_classes)
+    model = build_model(config.model, dataset.num_classes, image_shape=dataset.image_shape,
+                        normalization=(config.dataset.mean, config.dataset.std))
     steps_per_epoch = input_pipeline.steps_per_epoch(len(dataset.train.labels),
                                                      config.train.batch_size)
     abstract = train.create_train_state(config, model, dataset.train.images.shape[1:],
@@ -130,8 +131,10 @@ def test_evaluation_counts_every_test_image_once(demo_dataset):
     assert results['accuracy'] == pytest.approx(expected, abs=1e-6)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dataset):
+@pytest.mark.parametrize('decoder', ['none', 'ae'])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dataset, decoder):
     config = make_tiny_config()  # 4 steps an epoch
+    config.model.decoder = decoder  # 'ae': the clean mode too, and D in the checkpoint
     config.train.num_epochs = 3
     config.train.checkpoint_every_steps = 3
     uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
@@ -161,6 +164,13 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dat
     jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
     assert resumed['final_test_accuracy'] == uninterrupted['final_test_accuracy']
     assert progress_a == progress_b
+    if decoder == 'ae':
+        assert 'decoder' in state_b.params and 'decoder' in state_b.batch_stats
+        modes = [train.choose_mode(train.training_modes(config), config.seed, step)
+                 for step in range(1, 13)]
+        assert 'clean' in modes  # the 12 steps of seed 0 include the clean mode
+        assert resumed['final_test_reconstruction_error'] == \
+            uninterrupted['final_test_reconstruction_error']
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
