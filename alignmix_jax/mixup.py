@@ -3,6 +3,8 @@
 Pure functions on arrays: the train step composes them with the model's stages
 F: x -> A, f: A -> e and g: e -> logits. One permutation pi and one lambda are drawn per
 mini-batch (Algorithm 1, lines 1 and 9), and every mode mixes example i with example pi(i).
+AlignMixup/AE's fifth mode, 'clean', mixes nothing: its loss is `reconstruction_loss` (line 7),
+plus `gaussian_kl` for the VAE.
 """
 
 import jax

@@ -487,11 +487,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 best = progress['best_test_accuracy']
                 if best is None or test_metrics['accuracy'] > best:
                     progress = {'best_test_accuracy': test_metrics['accuracy'], 'best_epoch': epoch}
-                writer.write_scalars(step, {
+                test_scalars = {
                     'test/accuracy': test_metrics['accuracy'], 'test/loss': test_metrics['loss'],
-                    'test/best_accuracy': progress['best_test_accuracy'],
-                    **{f'test/{key}': value for key, value in test_metrics.items()
-                       if key == 'reconstruction_error'}})
+                    'test/best_accuracy': progress['best_test_accuracy']}
+                if 'reconstruction_error' in test_metrics:  # a model with a decoder
+                    test_scalars['test/reconstruction_error'] = \
+                        test_metrics['reconstruction_error']
+                writer.write_scalars(step, test_scalars)
                 logging.info('Epoch %d: test accuracy %.2f%% (best so far %.2f%% at epoch %d).',
                              epoch, 100 * test_metrics['accuracy'],
                              100 * progress['best_test_accuracy'], progress['best_epoch'])
