@@ -128,6 +128,8 @@ def test_clean_mode_trains_f_and_d_and_the_mixup_modes_leave_d_untouched(demo_da
     assert_trees_equal(after_mixup.batch_stats['decoder'], after_clean.batch_stats['decoder'])
     assert not np.array_equal(after_mixup.params['classifier']['kernel'],
                               after_clean.params['classifier']['kernel'])
+    # One compilation per mode, the clean one included.
+    assert step_fn._cache_size() == len(mixup.MODES) + 1
 
 
 def test_decoder_can_have_its_own_learning_rate():
