@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from alignmix_jax import alignment, checkpointing, input_pipeline, mixup, sharding
 from alignmix_jax.command_line import hide_library_info, parse_flags
 from alignmix_jax.evaluation.common import abstract_variables
-from alignmix_jax.models import build_model
+from alignmix_jax.models import build_model_for_dataset
 
 matplotlib.use('Agg')  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -301,8 +301,7 @@ def pick_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> list[tuple[int,
 def restore_model(config, workdir: str):
     """(model, variables, dataset) of the latest checkpoint in `workdir` (no optimizer state)."""
     dataset = input_pipeline.load_dataset(config.dataset)
-    model = build_model(config.model, dataset.num_classes, image_shape=dataset.image_shape,
-                        normalization=(config.dataset.mean, config.dataset.std))
+    model = build_model_for_dataset(config, dataset)
     if model.decoder_type == 'none':
         raise ValueError('the pictures decode through D: train with --config.model.decoder=ae '
                          '(or vae) and pass the same override here')

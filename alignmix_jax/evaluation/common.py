@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from alignmix_jax import checkpointing, input_pipeline, sharding
 from alignmix_jax.command_line import hide_library_info, parse_flags
-from alignmix_jax.models import build_model
+from alignmix_jax.models import build_model_for_dataset
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # uint8 images, int32 labels, bool mask
 # A fixed subset of the test set (`num_examples` option) is the same for every run.
@@ -163,7 +163,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
     train first) or input_pipeline.DatasetError with one line saying what to do.
     """
     dataset = input_pipeline.load_dataset(config.dataset) if dataset is None else dataset
-    model = build_model(config.model, dataset.num_classes)
+    model = build_model_for_dataset(config, dataset)
     mesh = sharding.make_mesh()
     variables, step = checkpointing.restore_variables(
         workdir, abstract_variables(model, dataset.image_shape, mesh), step=step)

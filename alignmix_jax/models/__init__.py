@@ -15,7 +15,7 @@ from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.wide_resnet import WideResNet
 
 __all__ = ['ENCODERS', 'Classifier', 'PreActResNet18', 'ResNet50', 'VGG16GAP', 'WideResNet',
-           'build_model']
+           'build_model', 'build_model_for_dataset']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -63,3 +63,13 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
         dtype=_DTYPES[model_config.dtype],
         batch_norm_axis=batch_norm_axis,
     )
+
+
+def build_model_for_dataset(config: ml_collections.ConfigDict, dataset, *,
+                            batch_norm_axis: str | None = None) -> Classifier:
+    """`build_model` for a run's config and its loaded dataset (classes, image shape, and the
+    normalisation a decoder's images are produced in). Training, evaluation, the pictures and
+    the benchmark all build their model here, so their parameter trees match."""
+    return build_model(config.model, dataset.num_classes, batch_norm_axis=batch_norm_axis,
+                       image_shape=tuple(dataset.image_shape),
+                       normalization=(config.dataset.mean, config.dataset.std))
