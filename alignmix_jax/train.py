@@ -42,8 +42,17 @@ from clu import metric_writers, metrics, periodic_actions
 from flax import struct
 from flax.training import train_state
 
-from alignmix_jax import alignment, checkpointing, input_pipeline, mixup, sharding
-from alignmix_jax.models import build_model
+from alignmix_jax import (
+    alignment,
+    checkpointing,
+    convert_torchvision,
+    evaluation,
+    input_pipeline,
+    mixup,
+    sharding,
+)
+from alignmix_jax.evaluation import common as evaluation_common
+from alignmix_jax.models import build_model_for_dataset
 
 # Stream tag that keeps the per-step mode draw independent of the data order.
 _MODE_STREAM = 0x6D6F6465
@@ -112,8 +121,9 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     def initial_state():
         init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
         variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        # .get: a network without BatchNorm (VGG-GAP) has no statistics.
         state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                                  tx=optimizer, batch_stats=variables['batch_stats'],
+                                  tx=optimizer, batch_stats=variables.get('batch_stats', {}),
                                   rng=run_key)
         # A concrete int32 step: with the default Python int the second call of each jitted
         # step would see a different input type and compile again.
@@ -121,7 +131,14 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
 
     mesh = sharding.make_mesh() if mesh is None else mesh
     # Built by jit straight into its replicated layout, identically in every process.
-    return jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
+    state = jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
+    if config.model.pretrained:
+        # Outside the jit, so the weights are not compiled into the program as constants. A
+        # resumed run then restores its checkpoint over them.
+        pretrained = convert_torchvision.load_pretrained(
+            {'params': state.params, 'batch_stats': state.batch_stats}, config.model.pretrained)
+        state = state.replace(**pretrained)
+    return state
 
 
 def training_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -413,10 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     modes = training_modes(config)
     dataset = input_pipeline.load_dataset(config.dataset)
-    model = build_model(config.model, dataset.num_classes, batch_norm_axis=(
-        sharding.DATA_AXIS if config.model.sync_batch_norm else None),
-        image_shape=dataset.image_shape,
-        normalization=(config.dataset.mean, config.dataset.std))
+    model = build_model_for_dataset(config, dataset, batch_norm_axis=(
+        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
     train_config = config.train
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples,
                                                      train_config.batch_size)
@@ -451,8 +466,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     start_step=start_step, process_index=jax.process_index(),
                                     process_count=jax.process_count())
     buffer = _MetricBuffer(modes)
+    # The evaluation commands' evaluators, run at each evaluation (config.train.evals).
+    eval_context = evaluation_common.EvalContext(config=config, model=model, dataset=dataset,
+                                                 mesh=mesh)
+    evaluators = [evaluation.make_evaluator(kind, eval_context, config.evals)
+                  for kind in train_config.evals]
     eval_every_steps = train_config.eval_every_epochs * steps_per_epoch
-    test_metrics = {}
+    test_metrics, eval_figures = {}, {}
     if start_step < total_steps:
         logging.info('Training %d steps (%d epochs of %d steps) from step %d; modes %s.',
                      total_steps, train_config.num_epochs, steps_per_epoch, start_step, modes)
@@ -493,6 +513,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if 'reconstruction_error' in test_metrics:  # a model with a decoder
                     test_scalars['test/reconstruction_error'] = \
                         test_metrics['reconstruction_error']
+                for evaluator in evaluators:
+                    figures = evaluator.run({'params': state.params,
+                                             'batch_stats': state.batch_stats})
+                    eval_figures[evaluator.name] = figures
+                    test_scalars.update({f'eval/{evaluator.name}/{name}': value
+                                         for name, value in figures.items()
+                                         if isinstance(value, (int, float))})
                 writer.write_scalars(step, test_scalars)
                 logging.info('Epoch %d: test accuracy %.2f%% (best so far %.2f%% at epoch %d).',
                              epoch, 100 * test_metrics['accuracy'],
@@ -514,6 +541,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               'train_seconds': time.time() - start_time}
     if 'reconstruction_error' in test_metrics:
         result['final_test_reconstruction_error'] = test_metrics['reconstruction_error']
+    if eval_figures:  # the last figures of config.train.evals
+        result['evals'] = eval_figures
     logging.info('Final test accuracy %.2f%% after %d epochs (best during training: %.2f%% at '
                  'epoch %s).', 100 * result['final_test_accuracy'], train_config.num_epochs,
                  100 * (result['best_test_accuracy'] or result['final_test_accuracy']),

@@ -36,7 +36,6 @@ tests: see tests/test_localization_e2e.py.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs import default
 
@@ -62,7 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.last_stride = 1  # layer4 at stride 1: A is 14x14 at 224x224
     # A directory written by `python -m alignmix_jax.convert_torchvision`: ImageNet weights
     # that training starts from (all but a classifier of another number of classes).
-    config.model.pretrained = config_dict.placeholder(str)
 
     config.train.batch_size = 16
     config.train.num_epochs = 600

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     # BatchNorm statistics in training: False, each device's slice of the batch (as PyTorch's
     # DataParallel, which the public code uses); True, the global batch (cross-device means).
     config.model.sync_batch_norm = False
+    # Start from converted ImageNet weights: a directory written by
+    # `python -m alignmix_jax.convert_torchvision` (None: random initialisation).
+    config.model.pretrained = config_dict.placeholder(str)
     # AlignMixup/AE (paper Section 3.3, Table 8): 'ae' adds a decoder D: e -> x_hat trained by a
     # fifth mode, 'clean' (reconstruction of clean images), drawn with the mixup modes; 'vae'
     # makes e a Gaussian posterior (mu, log sigma) with a KL term. 'none': plain AlignMixup.
@@ -87,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.kl_weight = 1.0
     config.train.eval_batch_size = 500
     config.train.eval_every_epochs = 10
+    # Evaluation kinds (alignmix_jax.evaluation, options under config.evals) also run at each
+    # evaluation, their figures written to TensorBoard as eval/<kind>/<name>, e.g.
+    # "('calibration', 'ood')". The commands `python -m alignmix_jax.evaluation.<kind>` run the
+    # same evaluators on a checkpoint.
+    config.train.evals = ()
     config.train.log_every_steps = 100
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3

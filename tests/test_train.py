@@ -256,3 +256,40 @@ def test_bfloat16_model_trains_with_a_float32_alignment(demo_dataset):
     assert np.isfinite(float(step_metrics['loss']))
     assert np.isfinite(float(step_metrics['marginal_error']))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+
+
+def test_pretrained_weights_replace_the_initialisation(tmp_path, demo_dataset):
+    """config.model.pretrained: the converter's output directory is loaded into the new state
+    (the converter itself is tested against torch in test_convert_torchvision.py)."""
+    from alignmix_jax import convert_torchvision
+
+    config = make_tiny_config()
+    model = build_model(config.model, demo_dataset.num_classes)
+    other_seed = make_tiny_config()
+    other_seed.seed = 7
+    source = train.create_train_state(other_seed, model, demo_dataset.image_shape, 4)
+    weights_dir = str(tmp_path / 'weights')
+    convert_torchvision.save_converted(
+        {'params': jax.device_get(source.params),
+         'batch_stats': jax.device_get(source.batch_stats)}, weights_dir, {'arch': 'test'})
+
+    fresh = train.create_train_state(config, model, demo_dataset.image_shape, 4)
+    config.model.pretrained = weights_dir
+    loaded = train.create_train_state(config, model, demo_dataset.image_shape, 4)
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, source.params)
+    jax.tree.map(np.testing.assert_array_equal, loaded.batch_stats, source.batch_stats)
+    assert not np.array_equal(loaded.params['classifier']['kernel'],
+                              fresh.params['classifier']['kernel'])
+    assert int(loaded.step) == 0
+
+
+def test_evaluators_run_during_training(tmp_path):
+    """config.train.evals runs the evaluation commands' evaluators at each evaluation; the
+    classification evaluator's top-1 error is then 1 - the loop's own test accuracy."""
+    config = make_tiny_config()
+    config.train.num_epochs = 1
+    config.train.evals = ('classification',)
+    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    figures = result['evals']['classification']
+    assert figures['top1_error'] == pytest.approx(1 - result['final_test_accuracy'], abs=1e-6)
+    assert figures['num_examples'] == 1000
