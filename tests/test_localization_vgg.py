@@ -72,3 +72,27 @@ def test_bad_last_stride_is_an_error():
     model = build_model(model_config(last_stride=4), num_classes=2)
     with pytest.raises(ValueError, match='last_stride'):
         abstract_variables(model, 32)
+
+
+def test_training_steps_run_without_batch_norm_statistics():
+    """VGG-GAP has no BatchNorm: the train state holds empty statistics, and every mixup mode's
+    sharded step trains it (the feature modes align its 2x2 maps on 32x32 inputs)."""
+    from alignmix_jax import input_pipeline, mixup, sharding, train
+    from tests.conftest import make_tiny_config
+
+    config = make_tiny_config()
+    config.model.update(name='vgg16_gap', head_norm=False, last_stride=1, width=0.0625)
+    dataset = input_pipeline.load_dataset(config.dataset)
+    model = build_model(config.model, dataset.num_classes)
+    mesh = sharding.make_mesh()
+    step_fn = train.make_train_step(model, config, mesh)
+    images, labels = dataset.train.images[:16], dataset.train.labels[:16]
+    for mode in mixup.MODES:
+        state = train.create_train_state(config, model, dataset.image_shape, 4, mesh)
+        assert state.batch_stats == {}
+        initial_params = jax.device_get(state.params)
+        state, step_metrics = step_fn(state, images, labels, mode=mode)
+        assert np.isfinite(float(step_metrics['loss'])), mode
+        moved = jax.tree.map(lambda new, old: float(np.max(np.abs(np.asarray(new) - old))),
+                             state.params, initial_params)
+        assert max(jax.tree.leaves(moved)) > 0, mode
