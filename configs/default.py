@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Stage-2 encoder f: global average pooling, then a fully connected layer to this many
     # dimensions (0: no fully connected layer; e is the pooled feature, 512-d for R-18).
     config.model.embedding_dim = 0
+    # f as the paper defines it: a fully connected layer on the whole flattened A (to
+    # embedding_dim > 0 dimensions) instead of global average pooling (the public code's head).
+    config.model.flatten_features = False
     # BatchNorm + ReLU at the start of f (pre-activation networks end unnormalised).
     config.model.head_norm = True
     # Alignment resolution (paper Table 8): 'feature_pool=2' averages A to 2x2,

@@ -372,3 +372,30 @@ def test_unknown_dtype_and_indivisible_pool_raise():
         build_model(model_config(dtype='float16'), NUM_CLASSES)
     with pytest.raises(ValueError, match='feature_pool=3 does not divide the 4x4'):
         init_shapes(build_model(model_config(feature_pool=3), NUM_CLASSES))
+
+
+def test_flattened_f_sees_where_features_are_and_pooled_f_does_not():
+    """model.flatten_features: f is a Dense layer on the whole A, so moving A's features to
+    other positions changes e; global average pooling (with the head's per-channel BatchNorm
+    and ReLU) gives the same e for any arrangement of the same features."""
+    images = jax.random.normal(jax.random.PRNGKey(0), (BATCH, 32, 32, 3))
+    shuffled_positions = np.random.default_rng(0).permutation(16)
+
+    def embeddings(**overrides):
+        model = build_model(model_config(**overrides), NUM_CLASSES)
+        variables = model.init(init_key(0), images, train=False)
+        a = model.apply(variables, images, train=False, method='features')
+        assert a.shape[1:3] == (4, 4)
+        rearranged = a.reshape(BATCH, 16, -1)[:, shuffled_positions].reshape(a.shape)
+        return [np.asarray(model.apply(variables, tensor, train=False, method='embed'))
+                for tensor in (a, rearranged)]
+
+    flat, flat_rearranged = embeddings(flatten_features=True, embedding_dim=24)
+    assert flat.shape == (BATCH, 24)
+    assert np.max(np.abs(flat - flat_rearranged)) > 1e-2
+    pooled, pooled_rearranged = embeddings(embedding_dim=24)
+    np.testing.assert_allclose(pooled, pooled_rearranged, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match='flatten_features'):
+        build_model(model_config(flatten_features=True), NUM_CLASSES).init(
+            init_key(0), images, train=False)

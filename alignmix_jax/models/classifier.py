@@ -1,7 +1,8 @@
 """The classifier as three separately callable stages, so mixup can enter between any two.
 
     features  F: x -> A       the convolutional encoder (PreActResNet18 or WideResNet)
-    embed     f: A -> e       [BatchNorm + ReLU], global average pooling, [Dense]
+    embed     f: A -> e       [BatchNorm + ReLU], global average pooling, [Dense];
+                              or, with `flatten_features`, a Dense layer on the whole tensor
     classify  g: e -> logits  Dense to the classes
 
 `__call__` composes the three. The model knows nothing about mixup: the train step applies the
@@ -78,6 +79,12 @@ class Classifier(nn.Module):
     embedding_dim: int = 0
     # Pre-activation encoders end unnormalised, so f starts with BatchNorm + ReLU.
     use_head_norm: bool = True
+    # The paper's f (Section 3.1; its Table 8 study): a fully connected layer from the whole
+    # c x h x w tensor A to e, instead of global average pooling. Pooling forgets where each
+    # feature is, so behind it mixing A aligned equals mixing it unaligned up to the head's
+    # BatchNorm + ReLU; a Dense layer on the flattened A sees the alignment. Needs
+    # embedding_dim > 0.
+    flatten_features: bool = False
     dtype: Any = jnp.float32
     # A mesh axis name: training BatchNorm statistics are then means over all devices of that
     # axis (the global batch) instead of each device's slice. Only usable under shard_map.
@@ -100,6 +107,10 @@ class Classifier(nn.Module):
                                                    or self.decoder_type == 'vae'):
             raise ValueError('an embedding tensor E (embedding_tensor_channels > 0) replaces the '
                              'embedding vector: it excludes embedding_dim > 0 and the VAE')
+        if self.flatten_features and (self.embedding_dim <= 0
+                                      or self.embedding_tensor_channels > 0):
+            raise ValueError('flatten_features (f a Dense layer on the whole A) needs '
+                             'embedding_dim > 0 and no embedding tensor E')
         if self.embedding_tensor_channels > 0:
             self.tensor_embedding = nn.Conv(
                 self.embedding_tensor_channels, (2, 2), strides=(2, 2), padding='VALID',
@@ -138,7 +149,12 @@ class Classifier(nn.Module):
         """f: feature tensor A (b, h', w', c) -> embedding e (b, d); (mu, log sigma) for a VAE."""
         if self.embedding_tensor_channels > 0:
             return self.flatten_embedding(self.embed_to_tensor(a, train))
-        embedding = jnp.mean(self._head(a, train), axis=(1, 2))
+        head = self._head(a, train)
+        if self.flatten_features:
+            # Row-major over (h, w, c): position i of A feeds its own rows of the Dense kernel.
+            embedding = head.reshape(head.shape[0], -1)
+        else:
+            embedding = jnp.mean(head, axis=(1, 2))
         if self.embedding_dim > 0:
             embedding = self.embedding(embedding)
         if self.decoder_type == 'vae':
