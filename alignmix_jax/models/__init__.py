@@ -8,14 +8,20 @@
 import jax.numpy as jnp
 import ml_collections
 
-from alignmix_jax.models.classifier import DECODER_TYPES, ENCODERS, Classifier, encoder_class
+from alignmix_jax.models.classifier import (
+    DECODER_TYPES,
+    ENCODERS,
+    Classifier,
+    encoder_class,
+    encoder_stages,
+)
 from alignmix_jax.models.preact_resnet import PreActResNet18, scaled_channels
 from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.wide_resnet import WideResNet
 
 __all__ = ['ENCODERS', 'Classifier', 'PreActResNet18', 'ResNet50', 'VGG16GAP', 'WideResNet',
-           'build_model', 'build_model_for_dataset']
+           'build_model', 'build_model_for_dataset', 'encoder_stages']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

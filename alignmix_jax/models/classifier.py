@@ -1,6 +1,8 @@
 """The classifier as three separately callable stages, so mixup can enter between any two.
 
-    features  F: x -> A       the convolutional encoder (PreActResNet18 or WideResNet)
+    features  F: x -> A       the convolutional encoder (PreActResNet18 or WideResNet); also
+                              a part of it, from one stage's output to another's (manifold
+                              mixup's hidden representations)
     embed     f: A -> e       [BatchNorm + ReLU], global average pooling, [Dense];
                               or, with `flatten_features`, a Dense layer on the whole tensor
     classify  g: e -> logits  Dense to the classes
@@ -65,6 +67,14 @@ def encoder_class(name: str) -> type[nn.Module]:
     if name not in ENCODERS:
         raise ValueError(f'unknown model name {name!r}; valid names: {", ".join(ENCODERS)}')
     return ENCODERS[name]
+
+
+def encoder_stages(name: str) -> int:
+    """How many stages F of this encoder has; representations 1..stages-1 are hidden ones.
+
+    PreActResNet18 and ResNet-50: 4, WRN: 3 (groups); VGG-GAP is not split (1).
+    """
+    return getattr(encoder_class(name), 'num_stages', 1)
 
 
 class Classifier(nn.Module):
@@ -136,9 +146,20 @@ class Classifier(nn.Module):
         self.classifier = nn.Dense(self.num_classes, kernel_init=dense_kernel_init,
                                    dtype=self.dtype)
 
-    def features(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """F: normalised images (b, h, w, 3) -> feature tensor A (b, h', w', c), unnormalised."""
-        return self.encoder(x, train=train)
+    def features(self, x: jnp.ndarray, train: bool, start: int = 0,
+                 stop: int | None = None) -> jnp.ndarray:
+        """F: normalised images (b, h, w, 3) -> feature tensor A (b, h', w', c), unnormalised.
+
+        With `start`/`stop`, a part of F: from representation `start` (0: the images) to
+        representation `stop` (None: A), where representation k is the output of the encoder's
+        stage k (`encoder_stages`). `features(features(x, stop=k), start=k)` is `features(x)`:
+        manifold mixup mixes in between.
+        """
+        if start == 0 and stop is None:
+            return self.encoder(x, train=train)
+        if encoder_stages(self.encoder_name) < 2:
+            raise ValueError(f'{self.encoder_name} does not expose hidden stages')
+        return self.encoder(x, train=train, start=start, stop=stop)
 
     def _head(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.use_head_norm:

@@ -61,6 +61,21 @@ def pool_features(features: jnp.ndarray, window: int) -> jnp.ndarray:
     return nn.avg_pool(features, (window, window), strides=(window, window))
 
 
+def stage_range(start: int, stop: int | None, num_stages: int) -> tuple[int, int]:
+    """Checks a split of F into the stages start+1..stop; stop None means the last stage.
+
+    Representation k of an encoder is its input for k = 0 and the output of its stage k
+    otherwise (the stem belongs to stage 1); A is representation `num_stages` (pooled by
+    `feature_pool`). Running start..k and then k..stop gives start..stop: manifold mixup
+    (Verma et al., 2019) mixes representation k in between.
+    """
+    stop = num_stages if stop is None else stop
+    if not 0 <= start <= stop <= num_stages:
+        raise ValueError(f'encoder stages must satisfy 0 <= start <= stop <= {num_stages}; '
+                         f'got start={start}, stop={stop}')
+    return start, stop
+
+
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a shortcut; output left unnormalised.
 
@@ -95,7 +110,9 @@ class PreActResNet18(nn.Module):
     `last_stride=1` keeps the last stage at 8x8; `feature_pool=p` then averages A over p x p
     cells (4x4 -> 2x2 for p = 2), the alignment resolutions of the paper's Table 8.
     Parameters: 'stem' (conv), 'stem_norm', 'stage{1..4}_block{1,2}' (each 'norm1', 'conv1',
-    'norm2', 'conv2' and, where the shape changes, 'shortcut').
+    'norm2', 'conv2' and, where the shape changes, 'shortcut'). `start`/`stop` run a part of
+    the stages (`stage_range`): representation 1 is the output of stage1 (64 x width channels,
+    32x32), 2 of stage2 (16x16), 3 of stage3 (8x8).
     """
 
     width: float = 1.0
@@ -106,19 +123,26 @@ class PreActResNet18(nn.Module):
 
     stage_channels = (64, 128, 256, 512)
     blocks_per_stage = 2
+    num_stages = len(stage_channels)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool, start: int = 0,
+                 stop: int | None = None) -> jnp.ndarray:
+        """Stages start+1..stop of F (see `stage_range`); all of F by default."""
+        start, stop = stage_range(start, stop, self.num_stages)
         stage_strides = (1, 2, 2, self.last_stride)
-        stages = zip(self.stage_channels, stage_strides, strict=True)
-        out = conv3x3(scaled_channels(64, self.width), 1, self.dtype, 'stem')(x)
-        # The public AlignMixup network normalises the stem's output before the first block
-        # (which pre-activates it again); kept so trained accuracies are comparable.
-        out = nn.relu(batch_norm(train, self.dtype, 'stem_norm', self.batch_norm_axis)(out))
-        for stage, (channels, stride) in enumerate(stages, start=1):
+        stages = list(zip(self.stage_channels, stage_strides, strict=True))
+        out = x
+        if start == 0 < stop:  # the stem belongs to stage 1
+            out = conv3x3(scaled_channels(64, self.width), 1, self.dtype, 'stem')(out)
+            # The public AlignMixup network normalises the stem's output before the first block
+            # (which pre-activates it again); kept so trained accuracies are comparable.
+            out = nn.relu(batch_norm(train, self.dtype, 'stem_norm', self.batch_norm_axis)(out))
+        for stage in range(start + 1, stop + 1):
+            channels, stride = stages[stage - 1]
             for block in range(1, self.blocks_per_stage + 1):
                 out = PreActBlock(scaled_channels(channels, self.width),
                                   stride if block == 1 else 1, dtype=self.dtype,
                                   batch_norm_axis=self.batch_norm_axis,
                                   name=f'stage{stage}_block{block}')(out, train)
-        return pool_features(out, self.feature_pool)
+        return pool_features(out, self.feature_pool) if stop == self.num_stages else out

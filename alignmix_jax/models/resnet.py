@@ -33,6 +33,7 @@ from alignmix_jax.models.preact_resnet import (
     conv_kernel_init,
     pool_features,
     scaled_channels,
+    stage_range,
 )
 
 # Output channels of a bottleneck block per plane of its 3x3 convolution.
@@ -95,23 +96,32 @@ class ResNet50(nn.Module):
     stage_planes = (64, 128, 256, 512)
     blocks_per_stage = (3, 4, 6, 3)
 
+    num_stages = len(stage_planes)
+
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        # Symmetric 3-pixel padding as PyTorch's padding=3 ('SAME' would pad 2 top-left, 3
-        # bottom-right at stride 2, sampling different pixels than torchvision's weights expect).
-        out = nn.Conv(scaled_channels(64, self.width), (7, 7), strides=(2, 2),
-                      padding=((3, 3), (3, 3)), use_bias=False, kernel_init=conv_kernel_init,
-                      dtype=self.dtype, name='stem_conv')(x)
-        out = nn.relu(batch_norm(train, self.dtype, 'stem_norm', self.batch_norm_axis)(out))
-        # Flax pads max pooling with -inf, as PyTorch's MaxPool2d(3, 2, padding=1).
-        out = nn.max_pool(out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    def __call__(self, x: jnp.ndarray, train: bool, start: int = 0,
+                 stop: int | None = None) -> jnp.ndarray:
+        """Stages start+1..stop of F (see `preact_resnet.stage_range`); all by default."""
+        start, stop = stage_range(start, stop, self.num_stages)
+        out = x
+        if start == 0 < stop:  # the stem belongs to stage 1
+            # Symmetric 3-pixel padding as PyTorch's padding=3 ('SAME' would pad 2 top-left,
+            # 3 bottom-right at stride 2, sampling different pixels than torchvision's weights
+            # expect).
+            out = nn.Conv(scaled_channels(64, self.width), (7, 7), strides=(2, 2),
+                          padding=((3, 3), (3, 3)), use_bias=False,
+                          kernel_init=conv_kernel_init, dtype=self.dtype, name='stem_conv')(out)
+            out = nn.relu(batch_norm(train, self.dtype, 'stem_norm', self.batch_norm_axis)(out))
+            # Flax pads max pooling with -inf, as PyTorch's MaxPool2d(3, 2, padding=1).
+            out = nn.max_pool(out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         stage_strides = (1, 2, 2, self.last_stride)
-        stages = zip(self.stage_planes, self.blocks_per_stage, stage_strides, strict=True)
-        for stage, (planes, num_blocks, stride) in enumerate(stages, start=1):
+        stages = list(zip(self.stage_planes, self.blocks_per_stage, stage_strides, strict=True))
+        for stage in range(start + 1, stop + 1):
+            planes, num_blocks, stride = stages[stage - 1]
             for block in range(1, num_blocks + 1):
                 out = Bottleneck(scaled_channels(planes, self.width),
                                  stride if block == 1 else 1,
                                  zero_init_last_norm=self.zero_init_last_norm, dtype=self.dtype,
                                  batch_norm_axis=self.batch_norm_axis,
                                  name=f'stage{stage}_block{block}')(out, train)
-        return pool_features(out, self.feature_pool)
+        return pool_features(out, self.feature_pool) if stop == self.num_stages else out
