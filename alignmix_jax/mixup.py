@@ -5,6 +5,11 @@ F: x -> A, f: A -> e and g: e -> logits. One permutation pi and one lambda are d
 mini-batch (Algorithm 1, lines 1 and 9), and every mode mixes example i with example pi(i).
 AlignMixup/AE's fifth mode, 'clean', mixes nothing: its loss is `reconstruction_loss` (line 7),
 plus `gaussian_kl` for the VAE.
+
+The comparison methods of the paper's Table 1 are modes too, drawn the same way:
+'none' (the baseline: clean images, hard labels), 'cutmix' (Yun et al., 2019: `cutmix`), and
+'hidden1', 'hidden2', 'hidden3' (mix the output of stage k of F, `hidden_stage`): manifold
+mixup (Verma et al., 2019) draws among 'input' and hidden stages.
 """
 
 import jax
@@ -23,23 +28,45 @@ TENSOR_EMBEDDING_MODES = ('embedding_tensor', 'embedding_tensor_prime')
 SWAPPED_MODES = ('feature_prime', 'embedding_tensor_prime')
 # AlignMixup/AE's fifth choice (Algorithm 1, lines 5-7): no mixup, reconstruction of x.
 CLEAN_MODE = 'clean'
-ALL_MODES = MODES + TENSOR_EMBEDDING_MODES + (CLEAN_MODE,)
+# The baselines' modes: no mixup, CutMix, and mixing the output of stage k of F (manifold
+# mixup's hidden layers; which k exist depends on the encoder).
+NO_MIXUP_MODE = 'none'
+CUTMIX_MODE = 'cutmix'
+HIDDEN_MODES = ('hidden1', 'hidden2', 'hidden3')
+BASELINE_MODES = (NO_MIXUP_MODE, CUTMIX_MODE) + HIDDEN_MODES
+ALL_MODES = MODES + TENSOR_EMBEDDING_MODES + BASELINE_MODES + (CLEAN_MODE,)
 
 
-def validate_modes(modes, *, with_decoder: bool = False) -> tuple[str, ...]:
+def hidden_stage(mode: str) -> int:
+    """The stage k whose output a 'hiddenk' mode mixes."""
+    if mode not in HIDDEN_MODES:
+        raise ValueError(f'{mode!r} is not one of the hidden-stage modes {HIDDEN_MODES}')
+    return int(mode.removeprefix('hidden'))
+
+
+def validate_modes(modes, *, with_decoder: bool = False,
+                   encoder_stages: int = 4) -> tuple[str, ...]:
     """The modes to draw from, as a tuple; raises a one-line error naming unknown ones.
 
     With a decoder, 'clean' joins the listed mixup modes (Algorithm 1, line 2: five choices
     drawn uniformly), unless it is listed already (list it twice to draw it twice as often).
-    Without one, 'clean' is an error.
+    Without one, 'clean' is an error. 'hiddenk' needs an encoder of more than k stages
+    (`encoder_stages`; the output of the last one is A, mixed by the feature modes).
     """
     modes = tuple(modes)
-    valid = ALL_MODES if with_decoder else MODES + TENSOR_EMBEDDING_MODES
+    valid = ALL_MODES if with_decoder else MODES + TENSOR_EMBEDDING_MODES + BASELINE_MODES
     unknown = [mode for mode in modes if mode not in valid]
     if not modes or unknown:
         raise ValueError(
             f'config.mixup.modes must be a non-empty list of {valid}; got {modes}'
             + ('' if with_decoder else " ('clean' needs config.model.decoder 'ae' or 'vae')"))
+    too_deep = [mode for mode in modes
+                if mode in HIDDEN_MODES and hidden_stage(mode) >= encoder_stages]
+    if too_deep:
+        hidden = HIDDEN_MODES[:max(encoder_stages - 1, 0)]
+        raise ValueError(f'config.mixup.modes: {too_deep[0]!r} needs an encoder with more than '
+                         f'{hidden_stage(too_deep[0])} stages; this one has {encoder_stages} '
+                         f'(hidden modes: {hidden or "none"})')
     if with_decoder and CLEAN_MODE not in modes:
         modes += (CLEAN_MODE,)
     return modes
@@ -93,6 +120,35 @@ def mix_features(features: jax.Array, permutation: jax.Array, lam: jax.Array, *,
     # Eq. (10): the anchor aligned to its partner, A~ = A' R^T (no gradient through the plan).
     aligned_partner = alignment.apply_plan(plan, partner)
     return mix(anchor, aligned_partner, lam), plan
+
+
+def cutmix(key: jax.Array, images: jax.Array, permutation: jax.Array, lam: jax.Array):
+    """CutMix (Yun et al., 2019, Eq. 1-2): a box of x' pasted into x; returns (images, lambda).
+
+    One box for the whole batch, as one lambda: sides round(H sqrt(1 - lambda)) and
+    round(W sqrt(1 - lambda)) (area about (1 - lambda) H W), centred at a uniformly drawn pixel
+    and clipped at the image border. The returned lambda is 1 - (clipped box area) / (H W), the
+    share of x that is left, so that the labels mix_lambda(y, y') (Eq. 1) weigh each image by
+    the pixels it shows, as Yun et al. correct it. `images` (b, h, w, c) in any dtype.
+    """
+    height, width = images.shape[1:3]
+    row_key, column_key = jax.random.split(key)
+    side = jnp.sqrt(1.0 - jnp.asarray(lam, jnp.float32))
+    box_height = jnp.round(height * side).astype(jnp.int32)
+    box_width = jnp.round(width * side).astype(jnp.int32)
+    centre_row = jax.random.randint(row_key, (), 0, height)
+    centre_column = jax.random.randint(column_key, (), 0, width)
+    top = jnp.clip(centre_row - box_height // 2, 0, height)
+    bottom = jnp.clip(centre_row - box_height // 2 + box_height, 0, height)
+    left = jnp.clip(centre_column - box_width // 2, 0, width)
+    right = jnp.clip(centre_column - box_width // 2 + box_width, 0, width)
+    rows, columns = jnp.arange(height), jnp.arange(width)
+    in_box = (((rows >= top) & (rows < bottom))[:, None]
+              & ((columns >= left) & (columns < right))[None, :])
+    images, partners = pair(images, permutation)
+    mixed = jnp.where(in_box[None, :, :, None], partners, images)
+    kept_share = 1.0 - ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
+    return mixed, kept_share
 
 
 def reconstruction_loss(images: jax.Array, reconstructions: jax.Array) -> jax.Array:

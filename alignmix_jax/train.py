@@ -52,7 +52,7 @@ from alignmix_jax import (
     sharding,
 )
 from alignmix_jax.evaluation import common as evaluation_common
-from alignmix_jax.models import build_model_for_dataset
+from alignmix_jax.models import build_model_for_dataset, encoder_stages
 
 # Stream tag that keeps the per-step mode draw independent of the data order.
 _MODE_STREAM = 0x6D6F6465
@@ -144,7 +144,8 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
 def training_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The modes drawn per step: config.mixup.modes, plus 'clean' when there is a decoder."""
     return mixup.validate_modes(config.mixup.modes,
-                                with_decoder=config.model.decoder != 'none')
+                                with_decoder=config.model.decoder != 'none',
+                                encoder_stages=encoder_stages(config.model.name))
 
 
 def frozen_groups(mode: str, params) -> tuple[str, ...]:
@@ -160,20 +161,41 @@ def choose_mode(modes: tuple[str, ...], seed: int, step: int) -> str:
 
 
 def _mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
-                   mixup_config):
-    """Logits, soft targets, updated BatchNorm statistics and the plan (or None) of one mode."""
+                   mixup_config, box_key=None):
+    """Logits, soft targets, updated BatchNorm statistics, the plan (or None) and the lambda
+    the targets were mixed with (None for 'none') of one mode."""
 
-    def stage(method, inputs, stats):
+    def stage(method, inputs, stats, **kwargs):
         outputs, updates = model.apply({'params': params, 'batch_stats': stats}, inputs,
-                                       train=True, method=method, mutable=['batch_stats'])
+                                       train=True, method=method, mutable=['batch_stats'],
+                                       **kwargs)
         return outputs, updates['batch_stats']
 
     plan = None
     swap = mode in mixup.SWAPPED_MODES
-    if mode == 'input':
+    if mode == mixup.NO_MIXUP_MODE:
+        # The baseline: e = f(F(x)) and the hard labels, through the same loss.
+        features, batch_stats = stage('features', images, batch_stats)
+        embedding, batch_stats = stage('embed', features, batch_stats)
+        logits = model.apply({'params': params}, embedding, method='classify')
+        return logits, one_hot, batch_stats, None, None
+    if mode == mixup.CUTMIX_MODE:
+        # Yun et al. (2019): a box of x' in x; lambda becomes the share of x left visible.
+        mixed_images, lam = mixup.cutmix(box_key, images, permutation, lam)
+        features, batch_stats = stage('features', mixed_images, batch_stats)
+        embedding, batch_stats = stage('embed', features, batch_stats)
+    elif mode == 'input':
         # Eq. (2), (3): e = f(F(mix(x, x'))).
         features, batch_stats = stage('features', mixup.mix(*mixup.pair(
             images, permutation), lam), batch_stats)
+        embedding, batch_stats = stage('embed', features, batch_stats)
+    elif mode in mixup.HIDDEN_MODES:
+        # Manifold mixup (Verma et al., 2019): F's stages up to k on the clean batch, the
+        # mixed output of stage k through the rest of F.
+        level = mixup.hidden_stage(mode)
+        hidden, batch_stats = stage('features', images, batch_stats, stop=level)
+        features, batch_stats = stage('features', mixup.mix(*mixup.pair(
+            hidden, permutation), lam), batch_stats, start=level)
         embedding, batch_stats = stage('embed', features, batch_stats)
     elif mode == 'embedding':
         # Eq. (2), (5): e = mix(f(F(x)), f(F(x'))); x' is x permuted, so F and f run once.
@@ -199,7 +221,7 @@ def _mixed_forward(mode, model, params, batch_stats, images, one_hot, permutatio
         raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.ALL_MODES}')
     logits = model.apply({'params': params}, embedding, method='classify')
     targets = mixup.mixed_targets(one_hot, permutation, lam, swap=swap)
-    return logits, targets, batch_stats, plan
+    return logits, targets, batch_stats, plan, lam
 
 
 def _reconstruction_forward(model, params, batch_stats, images, noise_key, kl_weight):
@@ -261,21 +283,25 @@ def shard_gradients(state: TrainState, images, labels, device_index, *, mode: st
         (_, (batch_stats, step_metrics)), grads = grad_fn(state.params)
         return grads, batch_stats, step_metrics
 
+    # CutMix's box: a key of its own, so the other draws stay as they were.
+    box_key = jax.random.fold_in(device_key, 2)
+
     def loss_fn(params):
-        logits, targets, batch_stats, plan = _mixed_forward(
+        logits, targets, batch_stats, plan, targets_lam = _mixed_forward(
             mode, model, params, state.batch_stats, images, one_hot, permutation, lam,
-            config.mixup)
+            config.mixup, box_key)
         loss = jnp.mean(mixup.soft_cross_entropy(logits, targets))  # Eq. (6)
-        return loss, (logits, targets, batch_stats, plan)
+        return loss, (logits, targets, batch_stats, plan, targets_lam)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, targets, batch_stats, plan)), grads = grad_fn(state.params)
+    (loss, (logits, targets, batch_stats, plan, targets_lam)), grads = grad_fn(state.params)
     step_metrics = {
         'loss': loss,
         # Agreement with the label that carries the larger weight of the mixed target.
         'accuracy': jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
-        'lambda': lam,
     }
+    if targets_lam is not None:  # CutMix's is the area-corrected one; 'none' mixes nothing
+        step_metrics['lambda'] = targets_lam
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
     return grads, batch_stats, step_metrics
@@ -424,12 +450,18 @@ class _MetricBuffer:
         return summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: input_pipeline.Dataset | None = None) -> dict:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics.
+
+    `dataset`: the data, already loaded by `input_pipeline.load_dataset(config.dataset)`, for
+    callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
+    """
     # Orbax writes only to absolute paths; `--workdir=runs/demo` is relative to the caller.
     workdir = os.path.abspath(workdir)
     modes = training_modes(config)
-    dataset = input_pipeline.load_dataset(config.dataset)
+    if dataset is None:
+        dataset = input_pipeline.load_dataset(config.dataset)
     model = build_model_for_dataset(config, dataset, batch_norm_axis=(
         sharding.DATA_AXIS if config.model.sync_batch_norm else None))
     train_config = config.train

@@ -6,12 +6,19 @@ PreActResNet18, 2000 epochs of SGD (lr 0.1, x0.1 at epochs 500/1000/1500, moment
 weight decay 1e-4, batch 128), lambda ~ Beta(2, 2), Sinkhorn with eps 0.1 for 100 iterations.
 The paper reports 2.95% top-1 error (R-18) and 3.09% (WRN16-8, with
 --config.model.name=wide_resnet16_8). Needs one GPU; tfds downloads CIFAR-10 on first use.
+
+The comparison methods of Table 1 run with the same settings but their own modes and alpha
+(configs/methods.py): `--config=configs/cifar10.py:baseline` (also input_mixup,
+manifold_mixup, cutmix, alignmix_ae).
 """
 
-from configs import default
+from configs import default, methods
 
 
-def get_config():
+def get_config(method: str | None = None):
+    """AlignMix; `method` (`--config=configs/cifar10.py:cutmix`) one of configs/methods.py."""
     config = default.get_config()
     config.dataset.name = 'cifar10'
+    if method is not None:
+        methods.apply_method(config, method)
     return config

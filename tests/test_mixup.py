@@ -114,7 +114,7 @@ def test_feature_prime_is_feature_on_the_swapped_pair():
 def test_validate_modes_rejects_unknown_names():
     assert mixup.validate_modes(['input', 'input', 'feature']) == ('input', 'input', 'feature')
     with pytest.raises(ValueError, match='config.mixup.modes'):
-        mixup.validate_modes(('input', 'cutmix'))
+        mixup.validate_modes(('input', 'puzzlemix'))
     with pytest.raises(ValueError, match='config.mixup.modes'):
         mixup.validate_modes(())
 
