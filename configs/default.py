@@ -68,6 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Modes drawn uniformly per batch (Algorithm 1); list a mode twice to double its chance.
     # 'input': mix x (Eq. 3); 'embedding': mix e (Eq. 5); 'feature': mix A with A aligned to A'
     # (Eq. 12); 'feature_prime': the same with the pair and labels swapped (Eq. 13).
+    # The comparison methods of Table 1 are modes too (configs/methods.py has each method's
+    # overrides): 'none', no mixup (baseline: modes=('none',)); 'cutmix', a box of x' pasted
+    # into x, labels weighted by its area (CutMix: modes=('cutmix',), alpha=1.0); 'hidden1',
+    # 'hidden2', 'hidden3', mix the output of stage k of F (manifold mixup:
+    # modes=('input','hidden1','hidden2'), alpha=2.0); input mixup: modes=('input',), alpha=1.0.
     config.mixup.modes = ('input', 'embedding', 'feature', 'feature_prime')
     config.mixup.align = True  # False: mix A and A' without alignment (Table 8, 'unaligned')
     config.mixup.alpha = 2.0  # lambda ~ Beta(alpha, alpha)
