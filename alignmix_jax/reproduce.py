@@ -171,15 +171,21 @@ def main(argv):
     from configs import methods as method_configs
     from configs import mini_reproduction
 
-    os.makedirs(FLAGS.workdir, exist_ok=True)
     # The seeds of a method run the same programs: compile them once.
     jax.config.update('jax_compilation_cache_dir',
                       os.path.abspath(os.path.join(FLAGS.workdir, 'jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     chosen = FLAGS.methods or list(method_configs.METHODS)
-    for method in chosen:
-        method_configs.command_line(method)  # an unknown name stops here, before any training
-    seeds = [int(seed) for seed in FLAGS.seeds]
+    unknown = [method for method in chosen if method not in method_configs.METHODS]
+    if unknown:  # before any training
+        raise SystemExit(f'error: unknown method {unknown[0]!r}; valid methods: '
+                         f'{", ".join(method_configs.METHODS)}')
+    try:
+        seeds = [int(seed) for seed in FLAGS.seeds]
+    except ValueError:
+        raise SystemExit(f'error: --seeds must be integers, got {",".join(FLAGS.seeds)}') from None
+
+    os.makedirs(FLAGS.workdir, exist_ok=True)
 
     def make_config(method):
         config = mini_reproduction.get_config(method)
@@ -192,7 +198,13 @@ def main(argv):
         command += f' --methods={",".join(chosen)}'
     if FLAGS.seeds != ['0', '1', '2']:
         command += f' --seeds={",".join(FLAGS.seeds)}'
-    run_all(make_config, chosen, seeds, FLAGS.workdir, command=command)
+    from alignmix_jax.checkpointing import CheckpointError
+    from alignmix_jax.input_pipeline import DatasetError
+    try:
+        run_all(make_config, chosen, seeds, FLAGS.workdir, command=command)
+    except (CheckpointError, DatasetError, FloatingPointError) as error:
+        # One clear line, as the training command gives: each of these says what to do.
+        raise SystemExit(f'error: {error}') from None
     with open(os.path.join(FLAGS.workdir, 'results.md')) as table_file:
         print(table_file.read())
 

@@ -1,6 +1,9 @@
 """The comparison methods of Table 1: baseline, CutMix, manifold mixup, as modes of one step."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import pytest
 from alignmix_jax import input_pipeline, mixup, reproduce, sharding, train
 from alignmix_jax.models import Classifier, build_model
 from configs import methods, mini_reproduction
-from tests.conftest import init_key, make_tiny_config
+from tests.conftest import REPO_ROOT, init_key, make_tiny_config
 
 HEIGHT, WIDTH = 32, 32
 
@@ -253,3 +256,16 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
     again = reproduce.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
                               command='the command')
     assert again == summary
+
+
+def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, '-m', 'alignmix_jax.reproduce', f'--data_dir={tmp_path}',
+         f'--workdir={tmp_path / "runs"}', '--methods=cutmix,mixmix'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown method 'mixmix'; valid methods: baseline, input_mixup, manifold_mixup, "
+        'cutmix, alignmix, alignmix_ae')
+    assert not (tmp_path / 'runs').exists()
