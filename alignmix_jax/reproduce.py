@@ -50,7 +50,6 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
 
     datasets = {}  # the dataset config, as a string -> the loaded dataset
     runs = []
-    start = time.time()
     for method in methods:
         for seed in seeds:
             directory = run_directory(workdir, method, seed)
@@ -71,13 +70,14 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
                 result = train.train_and_evaluate(config, directory,
                                                   dataset=datasets[dataset_key])
                 result['wall_seconds'] = time.time() - run_start
-                result['modes'] = list(config.mixup.modes)
-                result['alpha'] = config.mixup.alpha
                 with open(results_path, 'w') as results_file:
                     json.dump(result, results_file, indent=2)
-            runs.append({'method': method, 'seed': seed, **result})
-            summary = write_results(workdir, runs, command=command,
-                                    session_seconds=time.time() - start)
+            # The modes drawn (with 'clean' for a decoder) and alpha, from the method's config.
+            config = make_config(method)
+            runs.append({'method': method, 'seed': seed, **result,
+                         'modes': list(train.training_modes(config)),
+                         'alpha': config.mixup.alpha})
+            summary = write_results(workdir, runs, command=command)
             if on_run_done is not None:
                 on_run_done(method, seed)
     return summary
@@ -110,7 +110,7 @@ def summarize(runs: Sequence[dict]) -> dict:
     return summary
 
 
-def format_markdown(summary: dict, *, command: str, machine: str, total_seconds: float) -> str:
+def format_markdown(summary: dict, *, command: str, machine: str) -> str:
     lines = [
         '| method | modes (alpha) | final test accuracy, % (mean ± std) | per seed | '
         'best during training, % | wall time per run |',
@@ -132,9 +132,9 @@ def format_markdown(summary: dict, *, command: str, machine: str, total_seconds:
     lines += [
         '',
         f'{num_runs} runs; std: sample standard deviation over seeds. Command: `{command}`. '
-        f'Machine: {machine}. Wall time: {run_seconds / 60:.1f} min for the runs, '
-        f'{total_seconds / 60:.1f} min for the last session of the command (with loading the '
-        'data).',
+        f'Machine: {machine}. Wall time: {run_seconds / 60:.1f} min for the runs together '
+        '(each: building the model, compiling, training, evaluating), plus loading the data '
+        'once.',
     ]
     return '\n'.join(lines) + '\n'
 
@@ -146,8 +146,7 @@ def machine_description() -> str:
             f'{len(devices)} {devices[0].platform} device(s), jax {jax.__version__}')
 
 
-def write_results(workdir: str, runs: Sequence[dict], *, command: str,
-                  session_seconds: float) -> dict:
+def write_results(workdir: str, runs: Sequence[dict], *, command: str) -> dict:
     """Writes WORKDIR/results.json and WORKDIR/results.md; returns the summary."""
     summary = summarize(runs)
     machine = machine_description()
@@ -155,8 +154,7 @@ def write_results(workdir: str, runs: Sequence[dict], *, command: str,
         json.dump({'command': command, 'machine': machine, 'runs': list(runs),
                    'summary': summary}, results_file, indent=2)
     with open(os.path.join(workdir, 'results.md'), 'w') as table_file:
-        table_file.write(format_markdown(summary, command=command, machine=machine,
-                                         total_seconds=session_seconds))
+        table_file.write(format_markdown(summary, command=command, machine=machine))
     return summary
 
 
