@@ -1,11 +1,12 @@
 """Run as a script on 8 fake CPU devices by tests/test_sharding.py (XLA_FLAGS must be set
 before JAX starts, so it cannot share the test process).
 
-For each mixup mode, one sharded train step on 8 devices and the same computation done shard
-by shard on one device (`train.shard_gradients` with the shard's device index, averaged on the
-host). Then the model with synchronised BatchNorm (`model.sync_batch_norm`) applied in
-training mode under shard_map, against the unsynchronised model on the whole batch on one
-device. Prints one JSON object: the largest differences of each.
+For each mixup mode (and the baselines' none, cutmix, hidden2), one sharded train step on 8
+devices and the same computation done shard by shard on one device (`train.shard_gradients`
+with the shard's device index, averaged on the host). Then the model with synchronised
+BatchNorm (`model.sync_batch_norm`) applied in training mode under shard_map, against the
+unsynchronised model on the whole batch on one device. Prints one JSON object: the largest
+differences of each.
 """
 
 import json
@@ -43,7 +44,8 @@ def main():
     one_device = sharding.make_mesh(jax.devices()[:1])
     sharded_step = train.make_train_step(model, config, mesh)
     results = {}
-    for mode in mixup.MODES:
+    # AlignMix's modes and the baselines' (CutMix draws its box per device like lambda).
+    for mode in mixup.MODES + ('none', 'cutmix', 'hidden2'):
         state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
         new_state, _ = sharded_step(state, *sharding.global_batch((images, labels), mesh),
                                     mode=mode)
