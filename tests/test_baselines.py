@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alignmix_jax import input_pipeline, mixup, reproduce, sharding, train
+from alignmix_jax import input_pipeline, mixup, reproduction, sharding, train
 from alignmix_jax.models import Classifier, build_model
 from configs import methods, mini_reproduction
 from tests.conftest import REPO_ROOT, init_key, make_tiny_config
@@ -227,13 +227,13 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
 
     monkeypatch.setattr(input_pipeline, 'load_dataset', counting_load)
     workdir = str(tmp_path)
-    summary = reproduce.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
+    summary = reproduction.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
                                 command='the command')
     assert loads == ['demo']  # one dataset, shared by the four runs
     for method in ('baseline', 'cutmix'):
         finals = []
         for seed in (0, 1):
-            with open(f'{reproduce.run_directory(workdir, method, seed)}/results.json') as f:
+            with open(f'{reproduction.run_directory(workdir, method, seed)}/results.json') as f:
                 run = json.load(f)
             finals.append(run['final_test_accuracy'])
             assert run['wall_seconds'] > 0
@@ -253,7 +253,7 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
         raise AssertionError('a finished run was trained again')
 
     monkeypatch.setattr(train, 'train_and_evaluate', no_training)
-    again = reproduce.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
+    again = reproduction.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
                               command='the command')
     assert again == summary
 
