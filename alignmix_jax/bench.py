@@ -4,6 +4,7 @@ Measures, on the devices JAX sees and with the config's model, batch size and mi
 
 - the median milliseconds of one training step of each mixup mode in `config.mixup.modes`,
   after warm-up (compilation and the first steps are excluded), with the result blocked on;
+  the modes are timed in interleaved rounds, so that the machine's drift does not bias one;
 - the alignment alone (Sinkhorn plan + Eq. 10 for every pair of a batch) on feature tensors of
   the shape the model's F produces for this batch;
 - the input pipeline: images per second from the dataset's batch iterator to arrays on the
@@ -29,16 +30,31 @@ flags.DEFINE_integer('warmup', 2, 'Untimed repetitions first (the first one comp
 flags.DEFINE_integer('input_batches', 200, 'Batches read to time the input pipeline.')
 
 
+def _milliseconds(run) -> float:
+    """Wall time of `run()` in ms; `run` must block until its result is ready."""
+    start = time.perf_counter()
+    run()
+    return 1000 * (time.perf_counter() - start)
+
+
 def _median_milliseconds(run, *, warmup: int, repeats: int) -> float:
-    """Median wall time of `run()` in ms; `run` must block until its result is ready."""
+    """Median wall time of `run()` in ms after `warmup` untimed calls."""
     for _ in range(warmup):
         run()
-    times = []
+    return statistics.median(_milliseconds(run) for _ in range(repeats))
+
+
+def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int) -> dict:
+    """Median ms of each of `runs` ({name: run}), timed in rounds that call each once, so
+    that a slow drift of the machine (another process, heat) weighs on all of them alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        for name, run in runs.items():
+            times[name].append(_milliseconds(run))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int = 200) -> dict:
@@ -61,18 +77,21 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     images, labels = sharding.global_batch(next(batches), mesh)
 
     step_fn = train.make_train_step(model, config, mesh)
-    step_ms = {}
-    for mode in modes:
+
+    def step_runner(mode):
         # The step donates its state: each call hands the new state to the next.
         holder = [train.create_train_state(config, model, dataset.image_shape, steps_per_epoch,
                                            mesh)]
 
-        def run_step(mode=mode, holder=holder):
+        def run_step():
             holder[0], step_metrics = step_fn(holder[0], images, labels, mode=mode)
             jax.block_until_ready((holder[0].params, step_metrics))
+        return run_step
 
-        step_ms[mode] = _median_milliseconds(run_step, warmup=warmup, repeats=repeats)
-        logging.info('%s step: %.1f ms', mode, step_ms[mode])
+    step_ms = _interleaved_median_milliseconds({mode: step_runner(mode) for mode in modes},
+                                               warmup=warmup, repeats=repeats)
+    for mode, ms in step_ms.items():
+        logging.info('%s step: %.1f ms', mode, ms)
 
     # The alignment alone, on post-ReLU-like features of F's output shape for this batch.
     feature_shape = jax.eval_shape(
