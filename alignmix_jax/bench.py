@@ -63,13 +63,10 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     import jax.numpy as jnp
 
     from alignmix_jax import alignment, input_pipeline, mixup, sharding, train
-    from alignmix_jax.models import build_model_for_dataset
-
     modes = tuple(dict.fromkeys(train.training_modes(config)))  # each once, in order
     dataset = input_pipeline.load_dataset(config.dataset)
     batch_size = config.train.batch_size
-    model = build_model_for_dataset(config, dataset, batch_norm_axis=(
-        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
+    model = train.build_training_model(config, dataset)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples, batch_size)

@@ -141,6 +141,13 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     return state
 
 
+def build_training_model(config: ml_collections.ConfigDict, dataset):
+    """The run's model for the train step: BatchNorm over the mesh's data axis if
+    `model.sync_batch_norm`, else per device (see the module docstring)."""
+    return build_model_for_dataset(config, dataset, batch_norm_axis=(
+        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
+
+
 def training_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The modes drawn per step: config.mixup.modes, plus 'clean' when there is a decoder."""
     return mixup.validate_modes(config.mixup.modes,
@@ -160,16 +167,19 @@ def choose_mode(modes: tuple[str, ...], seed: int, step: int) -> str:
     return modes[np.random.default_rng([seed, _MODE_STREAM, step]).integers(len(modes))]
 
 
+def _train_stage(model, params, method, inputs, batch_stats, **kwargs):
+    """One stage of the model (`method`) in training mode: (outputs, new BatchNorm statistics)."""
+    outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats}, inputs,
+                                   train=True, method=method, mutable=['batch_stats'], **kwargs)
+    return outputs, updates['batch_stats']
+
+
 def _mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
                    mixup_config, box_key=None):
     """Logits, soft targets, updated BatchNorm statistics, the plan (or None) and the lambda
     the targets were mixed with (None for 'none') of one mode."""
 
-    def stage(method, inputs, stats, **kwargs):
-        outputs, updates = model.apply({'params': params, 'batch_stats': stats}, inputs,
-                                       train=True, method=method, mutable=['batch_stats'],
-                                       **kwargs)
-        return outputs, updates['batch_stats']
+    stage = functools.partial(_train_stage, model, params)
 
     plan = None
     swap = mode in mixup.SWAPPED_MODES
@@ -231,11 +241,7 @@ def _reconstruction_forward(model, params, batch_stats, images, noise_key, kl_we
     the reconstruction loss by the number of pixel values (so kl_weight = 1 is the ELBO).
     """
 
-    def stage(method, inputs, stats, **kwargs):
-        outputs, updates = model.apply({'params': params, 'batch_stats': stats}, inputs,
-                                       train=True, method=method, mutable=['batch_stats'],
-                                       **kwargs)
-        return outputs, updates['batch_stats']
+    stage = functools.partial(_train_stage, model, params)
 
     features, batch_stats = stage('features', images, batch_stats)
     embedding, batch_stats = stage('embed', features, batch_stats)
@@ -462,8 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     modes = training_modes(config)
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.dataset)
-    model = build_model_for_dataset(config, dataset, batch_norm_axis=(
-        sharding.DATA_AXIS if config.model.sync_batch_norm else None))
+    model = build_training_model(config, dataset)
     train_config = config.train
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples,
                                                      train_config.batch_size)
