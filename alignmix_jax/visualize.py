@@ -31,10 +31,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax import alignment, checkpointing, input_pipeline, mixup, sharding
+from alignmix_jax import alignment, checkpointing, input_pipeline, mixup
 from alignmix_jax.command_line import hide_library_info, parse_flags
-from alignmix_jax.evaluation.common import abstract_variables
-from alignmix_jax.models import build_model_for_dataset
+from alignmix_jax.evaluation import common as evaluation_common
 
 matplotlib.use('Agg')  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -300,15 +299,12 @@ def pick_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> list[tuple[int,
 
 def restore_model(config, workdir: str):
     """(model, variables, dataset) of the latest checkpoint in `workdir` (no optimizer state)."""
-    dataset = input_pipeline.load_dataset(config.dataset)
-    model = build_model_for_dataset(config, dataset)
-    if model.decoder_type == 'none':
+    if config.model.decoder == 'none':
         raise ValueError('the pictures decode through D: train with --config.model.decoder=ae '
                          '(or vae) and pass the same override here')
-    abstract = abstract_variables(model, dataset.image_shape, sharding.make_mesh())
-    variables, step = checkpointing.restore_variables(workdir, abstract)
+    context, variables, step = evaluation_common.load(config, workdir)
     logging.info('Restored the variables of step %d from %s.', step, workdir)
-    return model, variables, dataset
+    return context.model, variables, context.dataset
 
 
 def write_figures(config, workdir: str, *, num_pairs: int = 4, num_lambdas: int = 9,

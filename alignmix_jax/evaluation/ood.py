@@ -30,7 +30,6 @@ OOD sets:
 """
 
 import functools
-import os
 import pathlib
 
 import jax
@@ -107,17 +106,6 @@ def _fitted_images(tf, images, image_shape, mode: str) -> np.ndarray:
     return np.concatenate(batches)
 
 
-def _import_tensorflow():
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], 'GPU')  # TF only decodes here; the GPU is JAX's
-    except RuntimeError:
-        pass  # TF's devices were set up earlier by code that decided about GPUs itself
-    return tf
-
-
 def folder_images(path: str, image_shape, mode: str) -> np.ndarray:
     """Every image file below `path` (sorted by path), fitted to `image_shape`."""
     root = pathlib.Path(path).expanduser()
@@ -126,7 +114,7 @@ def folder_images(path: str, image_shape, mode: str) -> np.ndarray:
     if not files:
         raise input_pipeline.DatasetNotFoundError(
             f'OOD image folder {root} holds no images ({", ".join(_IMAGE_SUFFIXES)})')
-    tf = _import_tensorflow()
+    tf = input_pipeline._import_tensorflow()
     decoded = tf.data.Dataset.from_tensor_slices(files).map(
         lambda file: tf.io.decode_image(tf.io.read_file(file), channels=3,
                                         expand_animations=False))
@@ -136,7 +124,7 @@ def folder_images(path: str, image_shape, mode: str) -> np.ndarray:
 def tfds_images(spec: str, data_dir: str | None, image_shape, mode: str) -> np.ndarray:
     """The images of a prepared tfds dataset, 'NAME' or 'NAME:SPLIT', fitted to the size."""
     name, _, split = spec.partition(':')
-    tf = _import_tensorflow()
+    tf = input_pipeline._import_tensorflow()
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
