@@ -31,9 +31,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Augmentation: zero padding + random crop back to the input size, horizontal flip.
     config.dataset.crop_padding = 4
     config.dataset.random_flip = True
+    # Optional (off by default): colour jitter as torchvision's ColorJitter(brightness,
+    # contrast, saturation, hue), each factor drawn per image (hue: a shift in [-hue, hue] of
+    # the colour wheel, at most 0.5), and a rotation by an angle drawn uniformly in
+    # [-rotation_degrees, rotation_degrees] per image; both on the device, after crop and flip.
+    config.dataset.color_jitter = (0.0, 0.0, 0.0, 0.0)
+    config.dataset.rotation_degrees = 0.0
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = 'preact_resnet18'  # or 'wide_resnet16_8'
+    # 'preact_resnet18', 'wide_resnet16_8' (CIFAR), 'resnet50' (ImageNet), 'vgg16_gap' (CUB);
+    # beyond the paper: 'vit_small', 'swin_tiny', 'mobilenet_v2' (options below).
+    config.model.name = 'preact_resnet18'
     config.model.width = 1.0  # channel multiplier (0.25 for CPU-sized runs)
     # Stage-2 encoder f: global average pooling, then a fully connected layer to this many
     # dimensions (0: no fully connected layer; e is the pooled feature, 512-d for R-18).
@@ -63,6 +71,30 @@ def get_config() -> ml_collections.ConfigDict:
     # convolution, replaces the embedding vector (128 in the paper); mix it with the modes
     # 'embedding_tensor' and 'embedding_tensor_prime' (aligned like A when mixup.align).
     config.model.embedding_tensor_channels = 0
+    # Options of the backbones beyond the paper, read only by their own encoder. Their width is
+    # config.model.width times the base width (384 for the ViT, 96 for Swin, as DeiT-S, Swin-T).
+    # 'vit_small' (DeiT-S/16): A is the grid of patch tokens (and the class token); f runs the
+    # last `head_blocks` transformer blocks, the final LayerNorm and the class token (or the
+    # mean patch token without one), so that what f sees depends on how A was aligned.
+    config.model.vit = ml_collections.ConfigDict()
+    config.model.vit.patch_size = 16  # 4 on 32x32 inputs (an 8x8 grid of tokens)
+    config.model.vit.depth = 12
+    config.model.vit.num_heads = 6
+    config.model.vit.mlp_ratio = 4.0
+    config.model.vit.class_token = True
+    config.model.vit.head_blocks = 1
+    # 'swin_tiny' (Swin-T): A is the last stage's feature map; f is LayerNorm + mean pooling.
+    config.model.swin = ml_collections.ConfigDict()
+    config.model.swin.patch_size = 4  # 2 on 32x32 inputs
+    config.model.swin.depths = (2, 2, 6, 2)
+    config.model.swin.num_heads = (3, 6, 12, 24)
+    config.model.swin.window_size = 7  # 4 on 32x32 inputs
+    config.model.swin.mlp_ratio = 4.0
+    # 'mobilenet_v2': A is the output of the last 1x1 convolution (1280 channels x width).
+    config.model.mobilenet_v2 = ml_collections.ConfigDict()
+    # True for 32x32 inputs: the stem and the first 24-channel stage keep the resolution
+    # (overall stride 8 instead of 32, so A is 4x4), as CIFAR variants of MobileNetV2 do.
+    config.model.mobilenet_v2.small_input = False
 
     config.mixup = ml_collections.ConfigDict()
     # Modes drawn uniformly per batch (Algorithm 1); list a mode twice to double its chance.
@@ -78,6 +110,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.alpha = 2.0  # lambda ~ Beta(alpha, alpha)
     config.mixup.epsilon = 0.1  # entropic regularisation of Eq. (9), absolute
     config.mixup.sinkhorn_iters = 100
+    # AlignMix + CutMix (beyond the paper): each batch is a CutMix batch with this probability
+    # (0.5 in the reproduction report), else a mode drawn from `modes` as usual. 0: off.
+    config.mixup.cutmix_probability = 0.0
+    # CutMix's own lambda ~ Beta(cutmix_alpha, cutmix_alpha) in those batches (None: alpha).
+    config.mixup.cutmix_alpha = config_dict.placeholder(float)
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128
@@ -96,6 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
     # model.decoder='vae': weight of the KL term against the reconstruction loss (both per
     # pixel value; 1 is the ELBO).
     config.train.kl_weight = 1.0
+    # > 0: adds this weight times a SimCLR NT-Xent loss (Chen et al., 2020) on the embeddings e
+    # of two augmented views of the clean batch to every mixup step's loss (beyond the paper).
+    config.train.contrastive_weight = 0.0
+    config.train.contrastive_temperature = 0.5
     config.train.eval_batch_size = 500
     config.train.eval_every_epochs = 10
     # Evaluation kinds (alignmix_jax.evaluation, options under config.evals) also run at each
