@@ -10,6 +10,11 @@ The comparison methods of the paper's Table 1 are modes too, drawn the same way:
 'none' (the baseline: clean images, hard labels), 'cutmix' (Yun et al., 2019: `cutmix`), and
 'hidden1', 'hidden2', 'hidden3' (mix the output of stage k of F, `hidden_stage`): manifold
 mixup (Verma et al., 2019) draws among 'input' and hidden stages.
+
+A transformer's representations are tokens rather than one tensor: a pair (grid, class token),
+the patch tokens at their grid positions (b, h, w, c) and the class token (b, c) or None
+(`models.vit.PatchTokens`). `mix` and `pair` act on every part of such a pair alike;
+`mix_features` aligns the grid and mixes the class token linearly.
 """
 
 import jax
@@ -80,15 +85,21 @@ def sample_pairing(key: jax.Array, batch_size: int, alpha: float):
     return permutation, lam
 
 
-def mix(u: jax.Array, v: jax.Array, lam: jax.Array) -> jax.Array:
-    """Eq. (2): mix_lambda(u, v) = lambda u + (1 - lambda) v, in the dtype of `u`."""
-    lam = jnp.asarray(lam, u.dtype)
-    return lam * u + (1 - lam) * v
+def mix(u, v, lam: jax.Array):
+    """Eq. (2): mix_lambda(u, v) = lambda u + (1 - lambda) v, in the dtype of `u`; arrays, or
+    pytrees of arrays (tokens) mixed part by part."""
+
+    def mix_array(u, v):
+        mixing = jnp.asarray(lam, u.dtype)
+        return mixing * u + (1 - mixing) * v
+
+    return jax.tree.map(mix_array, u, v)
 
 
-def pair(values: jax.Array, permutation: jax.Array, *, swap: bool = False):
-    """The pairs (v, v') = (v_i, v_pi(i)) of Algorithm 1 line 10, or (v', v) if `swap` (line 17)."""
-    partners = values[permutation]
+def pair(values, permutation: jax.Array, *, swap: bool = False):
+    """The pairs (v, v') = (v_i, v_pi(i)) of Algorithm 1 line 10, or (v', v) if `swap` (line 17);
+    `values` an array or a pytree of arrays (tokens) with the batch first."""
+    partners = jax.tree.map(lambda value: value[permutation], values)
     return (partners, values) if swap else (values, partners)
 
 
@@ -104,7 +115,7 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.sum(targets * log_probs, axis=-1)
 
 
-def mix_features(features: jax.Array, permutation: jax.Array, lam: jax.Array, *,
+def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
                  swap: bool, align: bool, epsilon: float, num_iters: int):
     """Mixes the feature tensors A (b, h, w, c) of each pair, aligned or not.
 
@@ -112,7 +123,18 @@ def mix_features(features: jax.Array, permutation: jax.Array, lam: jax.Array, *,
     first (Algorithm 1, line 17), so A' is mixed with A' aligned to A (Eq. 13). Returns the
     mixed tensor and the transport plans (b, r, r), or None when `align` is False (the
     unaligned rows of the paper's Table 8 mix A and A' directly).
+
+    A transformer's tokens (grid, class token): the patch tokens are A, aligned and mixed as
+    above (r = the number of patches, one plan per pair), and the class token, which has no
+    position, is mixed linearly (Eq. 2); returned as the same kind of pair.
     """
+    if isinstance(features, tuple):
+        grid, class_token = features
+        mixed_grid, plan = mix_features(grid, permutation, lam, swap=swap, align=align,
+                                        epsilon=epsilon, num_iters=num_iters)
+        mixed_class_token = (None if class_token is None
+                             else mix(*pair(class_token, permutation, swap=swap), lam))
+        return type(features)(mixed_grid, mixed_class_token), plan
     anchor, partner = pair(features, permutation, swap=swap)
     if not align:
         return mix(anchor, partner, lam), None

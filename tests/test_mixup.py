@@ -1,5 +1,7 @@
 """Mixing semantics of Algorithm 1: the pairs, lambda, labels, the loss and the feature modes."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,38 @@ def test_average_pooling_forgets_the_alignment():
     np.testing.assert_allclose(aligned.mean(axis=(1, 2)),
                                features[permutation].mean(axis=(1, 2)), rtol=1e-3)
     assert float(jnp.max(jnp.abs(aligned - features[permutation]))) > 1.0
+
+
+class Tokens(NamedTuple):
+    """A transformer's representation as mixup sees it: patch grid and class token."""
+    grid: jax.Array
+    class_token: jax.Array | None
+
+
+@pytest.mark.parametrize('lam', [0.3, 0.8])
+def test_token_alignment_recovers_the_order_and_mixes_the_class_token_linearly(lam):
+    # Example 1's patch tokens are example 0's in another order; distinct one-hot tokens make
+    # the eps = 0.1 plan a permutation (cost 2 between different tokens, 0 for the same one).
+    order = jax.random.permutation(jax.random.PRNGKey(5), 16)
+    grid = jnp.eye(16).reshape(4, 4, 16)
+    shuffled = grid.reshape(16, 16)[order].reshape(4, 4, 16)
+    class_tokens = jax.random.normal(jax.random.PRNGKey(6), (2, 16))
+    tokens = Tokens(jnp.stack([grid, shuffled]), class_tokens)
+    permutation = jnp.array([1, 0])
+    mixed, plan = mixup.mix_features(tokens, permutation, lam, swap=False, **ALIGN)
+    assert isinstance(mixed, Tokens)
+    # Aligned to its partner, each anchor's grid gets its own tokens back in its own order, so
+    # mixing changes nothing: the shuffled copy is put back in order and the other way round.
+    np.testing.assert_allclose(mixed.grid, tokens.grid, atol=1e-6)
+    # The plan couples position i of example 0 with where its token went in example 1.
+    np.testing.assert_array_equal(np.argmax(plan[0], axis=1), np.argsort(order))
+    np.testing.assert_array_equal(np.argmax(plan[1], axis=1), order)
+    np.testing.assert_allclose(mixed.class_token[0],
+                               lam * class_tokens[0] + (1 - lam) * class_tokens[1], rtol=1e-6)
+    np.testing.assert_allclose(mixed.class_token[1],
+                               lam * class_tokens[1] + (1 - lam) * class_tokens[0], rtol=1e-6)
+    # Unaligned, the grids mix position by position; without a class token there is none.
+    unaligned, no_plan = mixup.mix_features(Tokens(tokens.grid, None), permutation, lam,
+                                            swap=False, align=False, epsilon=0.1, num_iters=100)
+    assert no_plan is None and unaligned.class_token is None
+    np.testing.assert_allclose(unaligned.grid[0], lam * grid + (1 - lam) * shuffled, rtol=1e-6)

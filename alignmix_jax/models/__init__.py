@@ -10,10 +10,12 @@ import ml_collections
 
 from alignmix_jax.models.classifier import (
     DECODER_TYPES,
+    ENCODER_OPTIONS,
     ENCODERS,
     Classifier,
     encoder_class,
     encoder_stages,
+    has_own_head,
 )
 from alignmix_jax.models.preact_resnet import PreActResNet18, scaled_channels
 from alignmix_jax.models.resnet import ResNet50
@@ -21,9 +23,23 @@ from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.wide_resnet import WideResNet
 
 __all__ = ['ENCODERS', 'Classifier', 'PreActResNet18', 'ResNet50', 'VGG16GAP', 'WideResNet',
-           'build_model', 'build_model_for_dataset', 'encoder_stages']
+           'build_model', 'build_model_for_dataset', 'encoder_options', 'encoder_stages',
+           'has_own_head']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def encoder_options(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
+    """The (name, value) options of the encoder `model_config.name` from its own section of
+    the config (ENCODER_OPTIONS; e.g. config.model.vit), lists made tuples; () for the others."""
+    section = ENCODER_OPTIONS.get(model_config.name)
+    if section is None:
+        return ()
+    if section not in model_config:
+        raise ValueError(f'model {model_config.name!r} needs the config section '
+                         f'config.model.{section} (see configs/default.py)')
+    return tuple((name, tuple(value) if isinstance(value, list) else value)
+                 for name, value in sorted(model_config[section].items()))
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
@@ -67,6 +83,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
         embedding_dim=model_config.embedding_dim,
         flatten_features=model_config.flatten_features,
         use_head_norm=model_config.head_norm,
+        encoder_options=encoder_options(model_config),
         dtype=_DTYPES[model_config.dtype],
         batch_norm_axis=batch_norm_axis,
     )

@@ -1,10 +1,12 @@
 """The classifier as three separately callable stages, so mixup can enter between any two.
 
-    features  F: x -> A       the convolutional encoder (PreActResNet18 or WideResNet); also
-                              a part of it, from one stage's output to another's (manifold
-                              mixup's hidden representations)
+    features  F: x -> A       the encoder (PreActResNet18, WideResNet, ...); also a part of
+                              it, from one stage's output to another's (manifold mixup's
+                              hidden representations)
     embed     f: A -> e       [BatchNorm + ReLU], global average pooling, [Dense];
-                              or, with `flatten_features`, a Dense layer on the whole tensor
+                              or, with `flatten_features`, a Dense layer on the whole tensor;
+                              for an encoder with a `head` of its own (the transformers), that
+                              head in place of the normalisation and pooling, then [Dense]
     classify  g: e -> logits  Dense to the classes
 
 `__call__` composes the three. The model knows nothing about mixup: the train step applies the
@@ -54,6 +56,12 @@ ENCODERS = {
     'resnet50': ResNet50,
     # VGG-16 + conv6 (Zhou et al., 2016), the WSOL backbone; no BatchNorm: use_head_norm=False.
     'vgg16_gap': VGG16GAP,
+    # Post-activation (A after BatchNorm + ReLU6): use it with use_head_norm=False.
+}
+
+# Encoders configured by a section of their own (config.model.<section>), passed to the
+# encoder's constructor as keyword arguments: config.model.name -> section.
+ENCODER_OPTIONS = {
 }
 
 # config.model.decoder: no decoder (AlignMixup), a vanilla or a variational autoencoder.
@@ -67,6 +75,12 @@ def encoder_class(name: str) -> type[nn.Module]:
     if name not in ENCODERS:
         raise ValueError(f'unknown model name {name!r}; valid names: {", ".join(ENCODERS)}')
     return ENCODERS[name]
+
+
+def has_own_head(name: str) -> bool:
+    """Whether the encoder normalises and pools A itself (`encoder.head(a, train)`), as the
+    transformers do; f is then that head and the optional Dense layer."""
+    return hasattr(encoder_class(name), 'head')
 
 
 def encoder_stages(name: str) -> int:
@@ -108,8 +122,16 @@ class Classifier(nn.Module):
     image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
     # > 0: e is the tensor E made from A by a 2x2 stride-2 convolution (Table 8's {x, E}).
     embedding_tensor_channels: int = 0
+    # The encoder's own options (its section of config.model, ENCODER_OPTIONS), as
+    # (name, value) pairs.
+    encoder_options: tuple[tuple[str, Any], ...] = ()
 
     def setup(self):
+        if has_own_head(self.encoder_name) and (self.use_head_norm or self.flatten_features
+                                                or self.embedding_tensor_channels > 0):
+            raise ValueError(f'{self.encoder_name} brings its own head (normalisation and '
+                             'pooling of A): set model.head_norm=False, and leave '
+                             'model.flatten_features and model.embedding_tensor_channels off')
         if self.decoder_type not in DECODER_TYPES:
             raise ValueError(f'unknown decoder {self.decoder_type!r}; valid: '
                              f'{", ".join(DECODER_TYPES)}')
@@ -134,7 +156,8 @@ class Classifier(nn.Module):
                 batch_norm_axis=self.batch_norm_axis)
         self.encoder = encoder_class(self.encoder_name)(
             width=self.width, last_stride=self.last_stride, feature_pool=self.feature_pool,
-            dtype=self.dtype, batch_norm_axis=self.batch_norm_axis)
+            dtype=self.dtype, batch_norm_axis=self.batch_norm_axis,
+            **dict(self.encoder_options))
         if self.use_head_norm:
             # use_running_average is given per call: the same layer serves train and eval.
             self.head_norm = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
@@ -170,17 +193,22 @@ class Classifier(nn.Module):
         """f: feature tensor A (b, h', w', c) -> embedding e (b, d); (mu, log sigma) for a VAE."""
         if self.embedding_tensor_channels > 0:
             return self.flatten_embedding(self.embed_to_tensor(a, train))
-        head = self._head(a, train)
-        if self.flatten_features:
-            # Row-major over (h, w, c): position i of A feeds its own rows of the Dense kernel.
-            embedding = head.reshape(head.shape[0], -1)
+        if has_own_head(self.encoder_name):
+            embedding = self.encoder.head(a, train=train)
         else:
-            embedding = jnp.mean(head, axis=(1, 2))
+            embedding = self._embedding_vector(a, train)
         if self.embedding_dim > 0:
             embedding = self.embedding(embedding)
         if self.decoder_type == 'vae':
             embedding = self.posterior(embedding)
         return embedding
+
+    def _embedding_vector(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
+        head = self._head(a, train)
+        if self.flatten_features:
+            # Row-major over (h, w, c): position i of A feeds its own rows of the Dense kernel.
+            return head.reshape(head.shape[0], -1)
+        return jnp.mean(head, axis=(1, 2))
 
     def embed_to_tensor(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
         """A (b, h', w', c) -> E (b, h'/2, w'/2, embedding_tensor_channels), to mix or align."""
