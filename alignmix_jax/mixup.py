@@ -19,6 +19,7 @@ the patch tokens at their grid positions (b, h, w, c) and the class token (b, c)
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from alignmix_jax import alignment
 
@@ -187,3 +188,14 @@ def gaussian_kl(mean: jax.Array, log_sigma: jax.Array) -> jax.Array:
     """KL(N(mean, sigma^2) || N(0, 1)) per example, summed over the latent dimensions."""
     mean, log_sigma = mean.astype(jnp.float32), log_sigma.astype(jnp.float32)
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(2 * log_sigma) - 1 - 2 * log_sigma, axis=-1)
+
+
+def nt_xent(first: jax.Array, second: jax.Array, temperature: float) -> jax.Array:
+    """SimCLR's NT-Xent loss (Chen et al., 2020, Eq. 1), in float32, averaged over the 2N
+    embeddings of N examples seen in two views (`first`, `second`: (N, d), row i of each the
+    same example): each one's positive is its other view, its negatives the 2N - 2 others,
+    similarities are cosines divided by `temperature`. optax.ntxent with the pairs as labels.
+    """
+    embeddings = jnp.concatenate([first, second]).astype(jnp.float32)
+    examples = jnp.arange(first.shape[0])
+    return optax.ntxent(embeddings, jnp.concatenate([examples, examples]), temperature)

@@ -3,14 +3,21 @@
     python -m alignmix_jax.reproduce --data_dir=../shared/data/cifar10-jpeg --workdir=runs/mini
 
 Trains every method of configs/methods.py (baseline, input mixup, manifold mixup, CutMix,
-AlignMix, AlignMix/AE) with each seed, one run after another in this process, each its own
-training run through `train.train_and_evaluate` in `WORKDIR/<method>/seed<k>` with the settings
-of configs/mini_reproduction.py. A run that is killed resumes from its checkpoint when the
-command is started again; a run whose `results.json` exists is not trained again. The data is
-decoded once and shared by all runs. At the end (and after every run, so a partial table is
-always there) it writes `WORKDIR/results.json` (every run and the summary) and
-`WORKDIR/results.md`: per method, the mean and standard deviation over seeds of the final test
-accuracy, the best test accuracy seen during training beside it, and the wall time per run.
+AlignMix, AlignMix/AE, AlignMix + CutMix) with each seed, one run after another in this
+process, each its own training run through `train.train_and_evaluate` in
+`WORKDIR/<method>/seed<k>` with the settings of configs/mini_reproduction.py. A run that is
+killed resumes from its checkpoint when the command is started again; a run whose
+`results.json` exists is not trained again. The data is decoded once and shared by all runs.
+At the end (and after every run, so a partial table is always there) it writes
+`WORKDIR/results.json` (every run and the summary) and `WORKDIR/results.md`: per method, the
+mean and standard deviation over seeds of the final test accuracy, the best test accuracy
+seen during training beside it, and the wall time per run.
+
+`--backbone=vit_small` (or another of configs/backbones.py) trains every run on that network
+instead of the quarter-width PreActResNet18:
+
+    python -m alignmix_jax.reproduce --data_dir=../shared/data/cifar10-jpeg \
+        --workdir=runs/mini_vit --backbone=vit_small --methods=baseline,alignmix
 
 This is not the paper's protocol (2000 epochs on the full training set): it compares the
 methods on the same small budget, where the ranking may well differ from the paper's. The
@@ -29,6 +36,8 @@ flags.DEFINE_string('workdir', None, 'Directory of the runs, results.json and re
 flags.mark_flags_as_required(['data_dir', 'workdir'])
 flags.DEFINE_list('methods', None, 'Methods of configs/methods.py to run (default: all).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each method is trained once per seed.')
+flags.DEFINE_string('backbone', 'preact_resnet18',
+                    'The network of every run: a backbone of configs/backbones.py.')
 
 
 def main(argv):
@@ -39,8 +48,8 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
     import jax
 
+    from configs import backbones, mini_reproduction
     from configs import methods as method_configs
-    from configs import mini_reproduction
 
     # The seeds of a method run the same programs: compile them once.
     jax.config.update('jax_compilation_cache_dir',
@@ -51,6 +60,9 @@ def main(argv):
     if unknown:  # before any training
         raise SystemExit(f'error: unknown method {unknown[0]!r}; valid methods: '
                          f'{", ".join(method_configs.METHODS)}')
+    if FLAGS.backbone not in backbones.BACKBONES:
+        raise SystemExit(f'error: unknown backbone {FLAGS.backbone!r}; valid backbones: '
+                         f'{", ".join(backbones.BACKBONES)}')
     try:
         seeds = [int(seed) for seed in FLAGS.seeds]
     except ValueError:
@@ -59,7 +71,7 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
 
     def make_config(method):
-        config = mini_reproduction.get_config(method)
+        config = mini_reproduction.get_config(f'{FLAGS.backbone},{method}')
         config.dataset.data_dir = FLAGS.data_dir
         return config
 
@@ -69,6 +81,8 @@ def main(argv):
         command += f' --methods={",".join(chosen)}'
     if FLAGS.seeds != ['0', '1', '2']:
         command += f' --seeds={",".join(FLAGS.seeds)}'
+    if FLAGS.backbone != 'preact_resnet18':
+        command += f' --backbone={FLAGS.backbone}'
     from alignmix_jax.checkpointing import CheckpointError
     from alignmix_jax.input_pipeline import DatasetError
     from alignmix_jax.reproduction import run_all

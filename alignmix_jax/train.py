@@ -149,7 +149,12 @@ def build_training_model(config: ml_collections.ConfigDict, dataset):
 
 
 def training_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The modes drawn per step: config.mixup.modes, plus 'clean' when there is a decoder."""
+    """The modes drawn uniformly per step: config.mixup.modes, plus 'clean' when there is a
+    decoder (and, with config.mixup.cutmix_probability > 0, 'cutmix' drawn before them)."""
+    probability = config.mixup.cutmix_probability
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f'config.mixup.cutmix_probability must lie in [0, 1]; got '
+                         f'{probability}')
     return mixup.validate_modes(config.mixup.modes,
                                 with_decoder=config.model.decoder != 'none',
                                 encoder_stages=encoder_stages(config.model.name))
@@ -162,9 +167,18 @@ def frozen_groups(mode: str, params) -> tuple[str, ...]:
     return ('decoder',) if 'decoder' in params else ()
 
 
-def choose_mode(modes: tuple[str, ...], seed: int, step: int) -> str:
-    """Algorithm 1, line 2: a mode drawn uniformly for this step, reproducible on resume."""
-    return modes[np.random.default_rng([seed, _MODE_STREAM, step]).integers(len(modes))]
+def choose_mode(modes: tuple[str, ...], seed: int, step: int,
+                cutmix_probability: float = 0.0) -> str:
+    """Algorithm 1, line 2: a mode drawn uniformly for this step, reproducible on resume.
+
+    AlignMix + CutMix (`config.mixup.cutmix_probability` p > 0): the step is a CutMix step
+    with probability p, else one of `modes` drawn uniformly. With p = 0 the draws are exactly
+    those without the option.
+    """
+    rng = np.random.default_rng([seed, _MODE_STREAM, step])
+    if cutmix_probability > 0 and rng.random() < cutmix_probability:
+        return mixup.CUTMIX_MODE
+    return modes[rng.integers(len(modes))]
 
 
 def _train_stage(model, params, method, inputs, batch_stats, **kwargs):
@@ -260,6 +274,19 @@ def _reconstruction_forward(model, params, batch_stats, images, noise_key, kl_we
     return loss, batch_stats, step_metrics
 
 
+def _contrastive_loss(model, params, batch_stats, views, temperature):
+    """SimCLR's NT-Xent on the embeddings e = f(F(v)) of two views (stacked: first all of view
+    one, then view two, in the same order); a VAE's e is its mean. (loss, BatchNorm statistics)
+    """
+    stage = functools.partial(_train_stage, model, params)
+    features, batch_stats = stage('features', views, batch_stats)
+    embeddings, batch_stats = stage('embed', features, batch_stats)
+    if model.decoder_type == 'vae':
+        embeddings = model.apply({'params': params}, embeddings, method='posterior_parts')[0]
+    first, second = jnp.split(embeddings, 2)
+    return mixup.nt_xent(first, second, temperature), batch_stats
+
+
 def shard_gradients(state: TrainState, images, labels, device_index, *, mode: str, model,
                     config: ml_collections.ConfigDict):
     """Gradients, BatchNorm statistics and metrics of mixup `mode` on one device's slice.
@@ -270,11 +297,18 @@ def shard_gradients(state: TrainState, images, labels, device_index, *, mode: st
     device_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device_index)
     augment_key, pairing_key = jax.random.split(device_key)
     dataset_config = config.dataset
-    images = input_pipeline.augment(augment_key, images, padding=dataset_config.crop_padding,
-                                    flip=dataset_config.random_flip)
-    images = input_pipeline.normalize(images, dataset_config.mean, dataset_config.std)
+    augment = functools.partial(
+        input_pipeline.augment, padding=dataset_config.crop_padding,
+        flip=dataset_config.random_flip, color_jitter=tuple(dataset_config.color_jitter),
+        rotation_degrees=dataset_config.rotation_degrees)
+    raw_images = images
+    images = input_pipeline.normalize(augment(augment_key, raw_images), dataset_config.mean,
+                                      dataset_config.std)
     one_hot = jax.nn.one_hot(labels, model.num_classes, dtype=jnp.float32)
-    permutation, lam = mixup.sample_pairing(pairing_key, labels.shape[0], config.mixup.alpha)
+    alpha = config.mixup.alpha
+    if mode == mixup.CUTMIX_MODE and config.mixup.cutmix_alpha is not None:
+        alpha = config.mixup.cutmix_alpha  # CutMix's own, when drawn beside AlignMix
+    permutation, lam = mixup.sample_pairing(pairing_key, labels.shape[0], alpha)
 
     if mode == mixup.CLEAN_MODE:
         # The VAE's sampling noise: a key of its own, so the other draws stay as they were.
@@ -292,15 +326,30 @@ def shard_gradients(state: TrainState, images, labels, device_index, *, mode: st
     # CutMix's box: a key of its own, so the other draws stay as they were.
     box_key = jax.random.fold_in(device_key, 2)
 
+    contrastive_weight = config.train.contrastive_weight
+    views = None
+    if contrastive_weight > 0:
+        # The NT-Xent term's two views: two more augmentations of the same images, each with
+        # a key of its own, stacked into one batch.
+        views = input_pipeline.normalize(jnp.concatenate([
+            augment(jax.random.fold_in(device_key, 3 + view), raw_images) for view in (0, 1)]),
+            dataset_config.mean, dataset_config.std)
+
     def loss_fn(params):
         logits, targets, batch_stats, plan, targets_lam = _mixed_forward(
             mode, model, params, state.batch_stats, images, one_hot, permutation, lam,
             config.mixup, box_key)
         loss = jnp.mean(mixup.soft_cross_entropy(logits, targets))  # Eq. (6)
-        return loss, (logits, targets, batch_stats, plan, targets_lam)
+        contrastive_loss = None
+        if contrastive_weight > 0:
+            contrastive_loss, batch_stats = _contrastive_loss(
+                model, params, batch_stats, views, config.train.contrastive_temperature)
+            loss = loss + contrastive_weight * contrastive_loss
+        return loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, targets, batch_stats, plan, targets_lam)), grads = grad_fn(state.params)
+    (loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss)), grads = \
+        grad_fn(state.params)
     step_metrics = {
         'loss': loss,
         # Agreement with the label that carries the larger weight of the mixed target.
@@ -310,6 +359,8 @@ def shard_gradients(state: TrainState, images, labels, device_index, *, mode: st
         step_metrics['lambda'] = targets_lam
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
+    if contrastive_loss is not None:
+        step_metrics['contrastive_loss'] = contrastive_loss
     return grads, batch_stats, step_metrics
 
 
@@ -446,7 +497,7 @@ class _MetricBuffer:
                 f'(mode {self.modes[bad]!r})')
         summary = {f'train/{key}': float(np.mean([m[key] for m in fetched if key in m]))
                    for key in ('loss', 'accuracy', 'lambda', 'marginal_error',
-                               'reconstruction_loss', 'kl_divergence')
+                               'reconstruction_loss', 'kl_divergence', 'contrastive_loss')
                    if any(key in m for m in fetched)}
         counts = Counter(self.modes)
         summary.update({f'train/mode_fraction/{mode}': counts[mode] / len(self.modes)
@@ -502,7 +553,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = dataset.train_batches(train_config.batch_size, seed=config.seed,
                                     start_step=start_step, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    buffer = _MetricBuffer(modes)
+    cutmix_probability = config.mixup.cutmix_probability
+    # Modes reported in the mode fractions: CutMix's too when AlignMix + CutMix draws it.
+    buffer = _MetricBuffer(modes + ((mixup.CUTMIX_MODE,) if cutmix_probability > 0 else ()))
     # The evaluation commands' evaluators, run at each evaluation (config.train.evals).
     eval_context = evaluation_common.EvalContext(config=config, model=model, dataset=dataset,
                                                  mesh=mesh)
@@ -511,15 +564,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_every_steps = train_config.eval_every_epochs * steps_per_epoch
     test_metrics, eval_figures = {}, {}
     if start_step < total_steps:
-        logging.info('Training %d steps (%d epochs of %d steps) from step %d; modes %s.',
-                     total_steps, train_config.num_epochs, steps_per_epoch, start_step, modes)
+        logging.info('Training %d steps (%d epochs of %d steps) from step %d; modes %s%s.',
+                     total_steps, train_config.num_epochs, steps_per_epoch, start_step, modes,
+                     f' (CutMix with probability {cutmix_probability:g} before them)'
+                     if cutmix_probability > 0 else '')
     else:
         logging.info('The checkpoint is at the last step (%d); evaluating it.', start_step)
     start_time = time.time()
     try:
         for step in range(start_step + 1, total_steps + 1):
             images, labels = sharding.global_batch(next(batches), mesh)
-            mode = choose_mode(modes, config.seed, step)
+            mode = choose_mode(modes, config.seed, step, cutmix_probability)
             state, step_metrics = compiled_train_step(state, images, labels, mode=mode)
             buffer.add(mode, step_metrics)
             report_progress(step)

@@ -9,16 +9,19 @@ The paper reports 2.95% top-1 error (R-18) and 3.09% (WRN16-8, with
 
 The comparison methods of Table 1 run with the same settings but their own modes and alpha
 (configs/methods.py): `--config=configs/cifar10.py:baseline` (also input_mixup,
-manifold_mixup, cutmix, alignmix_ae).
+manifold_mixup, cutmix, alignmix_ae, alignmix_cutmix). Backbones beyond the paper's
+(configs/backbones.py) the same way, alone or with a method: `:vit_small`, `:swin_tiny`,
+`:mobilenet_v2,baseline`.
 """
 
 from configs import default, methods
 
 
-def get_config(method: str | None = None):
-    """AlignMix; `method` (`--config=configs/cifar10.py:cutmix`) one of configs/methods.py."""
+def get_config(variant: str | None = None):
+    """AlignMix; `variant` (`--config=configs/cifar10.py:cutmix`, `:vit_small,cutmix`) methods
+    and backbones of configs/methods.py and configs/backbones.py."""
     config = default.get_config()
     config.dataset.name = 'cifar10'
-    if method is not None:
-        methods.apply_method(config, method)
+    if variant is not None:
+        methods.apply_variant(config, variant)
     return config

@@ -5,17 +5,19 @@
 Same schedule as CIFAR-10 (2000 epochs, lr 0.1 x0.1 at 500/1000/1500). The paper reports
 18.08% top-1 error (R-18) and 18.67% (WRN16-8, --config.model.name=wide_resnet16_8).
 The public code normalises CIFAR-100 with the CIFAR-10 statistics; so do we.
-`--config=configs/cifar100.py:cutmix` (or baseline, input_mixup, manifold_mixup, alignmix_ae)
-trains a comparison method of Table 1 instead (configs/methods.py).
+`--config=configs/cifar100.py:cutmix` (or baseline, input_mixup, manifold_mixup, alignmix_ae,
+alignmix_cutmix) trains a comparison method of Table 1 instead (configs/methods.py); backbones
+beyond the paper's (configs/backbones.py) the same way: `:vit_small`, `:mobilenet_v2,cutmix`.
 """
 
 from configs import default, methods
 
 
-def get_config(method: str | None = None):
-    """AlignMix; `method` (`--config=configs/cifar100.py:cutmix`) one of configs/methods.py."""
+def get_config(variant: str | None = None):
+    """AlignMix; `variant` (`--config=configs/cifar100.py:cutmix`, `:vit_small,cutmix`) methods
+    and backbones of configs/methods.py and configs/backbones.py."""
     config = default.get_config()
     config.dataset.name = 'cifar100'
-    if method is not None:
-        methods.apply_method(config, method)
+    if variant is not None:
+        methods.apply_variant(config, variant)
     return config

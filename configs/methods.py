@@ -20,12 +20,19 @@ Beta(alpha, alpha)):
 - alignmix: the paper's method, the defaults of configs/default.py (the four modes of
   Algorithm 1, alpha = 2).
 - alignmix_ae: AlignMixup/AE, the defaults plus the decoder and its 'clean' mode.
+- alignmix_cutmix (beyond the paper, the reproduction report's Section 4.1): each batch is a
+  CutMix batch (alpha = 1) with probability 0.5, else one of AlignMix's four modes (alpha = 2).
+
+`apply_variant(config, 'vit_small,cutmix')` applies a comma-separated list of methods and
+backbones (configs/backbones.py): the `:VARIANT` of the CIFAR and mini-reproduction configs.
 
 The paper's Appendix B states alpha = 2 and that the other methods were reproduced "using
 these settings"; it does not list each method's alpha, so we take the authors' own.
 """
 
 import ml_collections
+
+from configs import backbones
 
 METHODS = {
     'baseline': {'mixup.modes': ('none',)},
@@ -34,6 +41,7 @@ METHODS = {
     'cutmix': {'mixup.modes': ('cutmix',), 'mixup.alpha': 1.0},
     'alignmix': {},
     'alignmix_ae': {'model.decoder': 'ae'},
+    'alignmix_cutmix': {'mixup.cutmix_probability': 0.5, 'mixup.cutmix_alpha': 1.0},
 }
 
 
@@ -41,9 +49,28 @@ def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections
     """`config` with the overrides of method `name` set in place; returns it."""
     if name not in METHODS:
         raise ValueError(f'unknown method {name!r}; valid methods: {", ".join(METHODS)}')
-    for field, value in METHODS[name].items():
-        section, key = field.split('.')
-        config[section][key] = value
+    return backbones.set_fields(config, METHODS[name])
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """`config` with each comma-separated name of `variant` applied: a method of METHODS or a
+    backbone of configs/backbones.py (at most one of each); returns it."""
+    names = [name.strip() for name in variant.split(',') if name.strip()]
+    unknown = [name for name in names
+               if name not in METHODS and name not in backbones.BACKBONES]
+    if unknown or not names:
+        raise ValueError(f'unknown config variant {unknown[0] if unknown else variant!r}; '
+                         f'valid: methods {", ".join(METHODS)}; backbones '
+                         f'{", ".join(backbones.BACKBONES)} (comma-separated)')
+    for kind, table in (('method', METHODS), ('backbone', backbones.BACKBONES)):
+        chosen = [name for name in names if name in table]
+        if len(chosen) > 1:
+            raise ValueError(f'config variant {variant!r} names more than one {kind}')
+    for name in names:
+        if name in METHODS:
+            apply_method(config, name)
+        else:
+            backbones.apply_backbone(config, name)
     return config
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from alignmix_jax import input_pipeline, mixup, reproduction, sharding, train
 from alignmix_jax.models import Classifier, build_model
-from configs import methods, mini_reproduction
+from configs import cifar10, methods, mini_reproduction
 from tests.conftest import REPO_ROOT, init_key, make_tiny_config
 
 HEIGHT, WIDTH = 32, 32
@@ -210,6 +210,23 @@ def test_methods_are_config_overrides():
         assert (config.model.decoder == 'ae') == (name == 'alignmix_ae')
 
 
+def test_config_variants_combine_a_backbone_and_a_method():
+    config = cifar10.get_config('mobilenet_v2,alignmix_cutmix')
+    assert config.model.name == 'mobilenet_v2' and config.model.head_norm is False
+    assert config.model.mobilenet_v2.small_input is True
+    assert config.mixup.cutmix_probability == 0.5 and config.mixup.cutmix_alpha == 1.0
+    assert config.mixup.modes == ('input', 'embedding', 'feature', 'feature_prime')
+    vit = mini_reproduction.get_config('vit_small')  # the method defaults to AlignMix
+    assert (vit.model.name, vit.model.vit.patch_size, vit.model.width) == ('vit_small', 4, 0.25)
+    assert cifar10.get_config('swin_tiny,cutmix').mixup.modes == ('cutmix',)
+    assert methods.command_line('alignmix_cutmix') == \
+        '--config.mixup.cutmix_probability=0.5 --config.mixup.cutmix_alpha=1.0'
+    with pytest.raises(ValueError, match="unknown config variant 'vit'; valid: methods "):
+        cifar10.get_config('vit,cutmix')
+    with pytest.raises(ValueError, match='names more than one method'):
+        cifar10.get_config('cutmix,baseline')
+
+
 def tiny_method_config(method: str) -> ml_collections.ConfigDict:
     config = methods.apply_method(make_tiny_config(), method)
     config.train.num_epochs = 1
@@ -267,5 +284,5 @@ def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown method 'mixmix'; valid methods: baseline, input_mixup, manifold_mixup, "
-        'cutmix, alignmix, alignmix_ae')
+        'cutmix, alignmix, alignmix_ae, alignmix_cutmix')
     assert not (tmp_path / 'runs').exists()

@@ -168,3 +168,19 @@ def test_token_alignment_recovers_the_order_and_mixes_the_class_token_linearly(l
                                             swap=False, align=False, epsilon=0.1, num_iters=100)
     assert no_plan is None and unaligned.class_token is None
     np.testing.assert_allclose(unaligned.grid[0], lam * grid + (1 - lam) * shuffled, rtol=1e-6)
+
+
+def test_nt_xent_equals_the_hand_computed_value():
+    # Two examples, two views, temperature 1: every embedding's positive has cosine 1 and its
+    # two negatives cosine 0, so each term is -log(e / (e + 2)) = log(1 + 2 / e).
+    axes = jnp.eye(2)
+    assert float(mixup.nt_xent(axes, axes, 1.0)) == pytest.approx(0.5514447139, rel=1e-6)
+    # Temperature 0.5, second views [1, 1] / sqrt(2) and [0, 1] (c = cos 45 degrees = 0.7071):
+    #   [1, 0]: positive c, negatives 0, 0:      -log(e^2c / (e^2c + 2))
+    #   [0, 1] and its view [0, 1]: positive 1, negatives 0, c: -log(e^2 / (e^2 + 1 + e^2c))
+    #   [1, 1] / sqrt(2): positive c, negatives c, c:   log 3
+    # mean of the four: 0.6366709065.
+    second = jnp.array([[1.0, 1.0], [0.0, 1.0]])
+    assert float(mixup.nt_xent(axes, second, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)
+    # Swapping the views or scaling an embedding changes nothing (cosine similarities).
+    assert float(mixup.nt_xent(second, 3 * axes, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)

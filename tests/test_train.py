@@ -62,6 +62,50 @@ def test_modes_are_drawn_uniformly_and_reproducibly():
     counts = np.array([draws.count(mode) for mode in modes])
     assert np.all(np.abs(counts - 1000) < 100), counts
     assert draws != [train.choose_mode(modes, 1, step) for step in range(4000)]
+    # With the AlignMix + CutMix option off, the draws are exactly the ones above.
+    assert draws == [train.choose_mode(modes, 0, step, 0.0) for step in range(4000)]
+
+
+@pytest.mark.parametrize('probability', [0.5, 0.2, 1.0])
+def test_alignmix_cutmix_draws_cutmix_with_probability_p(probability):
+    modes = ('input', 'embedding', 'feature', 'feature_prime')
+    steps = 10000
+    draws = [train.choose_mode(modes, 3, step, probability) for step in range(steps)]
+    share = draws.count('cutmix') / steps
+    # Within 4 standard errors of a binomial share (0 when p = 1: every batch is CutMix).
+    assert abs(share - probability) <= 4 * np.sqrt(probability * (1 - probability) / steps)
+    others = np.array([draws.count(mode) for mode in modes])
+    expected = (1 - probability) * steps / len(modes)
+    assert np.all(np.abs(others - expected) <= 4 * np.sqrt(expected) + 1e-9), others
+
+
+def test_cutmix_probability_outside_0_1_is_an_error():
+    config = make_tiny_config()
+    config.mixup.cutmix_probability = 1.5
+    with pytest.raises(ValueError, match=r'cutmix_probability must lie in \[0, 1\]; got 1.5'):
+        train.training_modes(config)
+
+
+def test_contrastive_term_adds_its_weighted_nt_xent_to_the_step_loss(demo_dataset):
+    config = make_tiny_config()
+    model = build_model(config.model, demo_dataset.num_classes)
+    images, labels = demo_dataset.train.images[:16], demo_dataset.train.labels[:16]
+    mesh = sharding.make_mesh()
+    losses, contrastive = {}, None
+    for weight in (0.0, 0.5):
+        config.train.contrastive_weight = weight
+        step_fn = train.make_train_step(model, config, mesh)
+        state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+        _, step_metrics = step_fn(state, images, labels, mode='feature')
+        losses[weight] = float(step_metrics['loss'])
+        if weight == 0:
+            assert 'contrastive_loss' not in step_metrics
+        else:
+            contrastive = float(step_metrics['contrastive_loss'])
+    # The mixup forward is the same in both steps: the difference is the weighted term alone.
+    # Two different views of 16 images: NT-Xent lies between 0 and log(2N - 1) + 2 / T.
+    assert 0 < contrastive < np.log(31) + 2 / config.train.contrastive_temperature
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * contrastive, rel=1e-5)
 
 
 def test_optimizer_is_torch_sgd_with_the_step_schedule():
@@ -142,10 +186,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dat
     # Kill the second run at step 8, in the middle of epoch 2: its last checkpoint is step 6.
     draw_mode = train.choose_mode
 
-    def interrupted_draw(modes, seed, step):
+    def interrupted_draw(modes, seed, step, *args):
         if step == 8:
             raise KeyboardInterrupt
-        return draw_mode(modes, seed, step)
+        return draw_mode(modes, seed, step, *args)
 
     monkeypatch.setattr(train, 'choose_mode', interrupted_draw)
     with pytest.raises(KeyboardInterrupt):
