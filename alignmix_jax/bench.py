@@ -91,11 +91,14 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         logging.info('%s step: %.1f ms', mode, ms)
 
     # The alignment alone, on post-ReLU-like features of F's output shape for this batch.
-    feature_shape = jax.eval_shape(
+    abstract_features = jax.eval_shape(
         lambda x: model.apply(
             model.init(jax.random.PRNGKey(0), x[:1], train=False), x, train=False,
             method='features'),
-        jax.ShapeDtypeStruct((batch_size, *dataset.image_shape), jnp.float32)).shape
+        jax.ShapeDtypeStruct((batch_size, *dataset.image_shape), jnp.float32))
+    # A transformer's A is (patch grid, class token): the plan aligns the grid.
+    feature_shape = (abstract_features[0] if isinstance(abstract_features, tuple)
+                     else abstract_features).shape
     features = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), feature_shape))
     permutation = jax.random.permutation(jax.random.PRNGKey(2), batch_size)
 

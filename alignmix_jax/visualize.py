@@ -64,7 +64,12 @@ def _decode_features(module, features):
 
 def encode(model, variables, images: jax.Array) -> jax.Array:
     """A = F(x) of normalised images, in evaluation mode."""
-    return model.apply(variables, images, train=False, method='features')
+    features = model.apply(variables, images, train=False, method='features')
+    if isinstance(features, tuple):
+        raise ValueError(f'the pictures need a feature tensor A (b, h, w, c); '
+                         f'{model.encoder_name} represents A as tokens: use a convolutional '
+                         'or Swin backbone')
+    return features
 
 
 def decode(model, variables, features: jax.Array) -> jax.Array:

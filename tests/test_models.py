@@ -364,7 +364,7 @@ def test_unknown_model_name_raises_one_line_error():
         build_model(model_config(name='resnet101'), NUM_CLASSES)
     message = str(error.value)
     assert message == ("unknown model name 'resnet101'; valid names: preact_resnet18, "
-                       "wide_resnet16_8, resnet50, vgg16_gap")
+                       "wide_resnet16_8, resnet50, vgg16_gap, mobilenet_v2, vit_small, swin_tiny")
 
 
 def test_unknown_dtype_and_indivisible_pool_raise():

@@ -17,12 +17,16 @@ from alignmix_jax.models.classifier import (
     encoder_stages,
     has_own_head,
 )
+from alignmix_jax.models.mobilenet_v2 import MobileNetV2
 from alignmix_jax.models.preact_resnet import PreActResNet18, scaled_channels
 from alignmix_jax.models.resnet import ResNet50
+from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP
+from alignmix_jax.models.vit import PatchTokens, VisionTransformer
 from alignmix_jax.models.wide_resnet import WideResNet
 
-__all__ = ['ENCODERS', 'Classifier', 'PreActResNet18', 'ResNet50', 'VGG16GAP', 'WideResNet',
+__all__ = ['ENCODERS', 'Classifier', 'MobileNetV2', 'PatchTokens', 'PreActResNet18', 'ResNet50',
+           'SwinTransformer', 'VGG16GAP', 'VisionTransformer', 'WideResNet',
            'build_model', 'build_model_for_dataset', 'encoder_options', 'encoder_stages',
            'has_own_head']
 

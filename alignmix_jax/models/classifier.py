@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from alignmix_jax.models.decoder import ResidualDecoder
+from alignmix_jax.models.mobilenet_v2 import MobileNetV2
 from alignmix_jax.models.preact_resnet import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -45,7 +46,9 @@ from alignmix_jax.models.preact_resnet import (
     conv_kernel_init,
 )
 from alignmix_jax.models.resnet import ResNet50
+from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP
+from alignmix_jax.models.vit import VisionTransformer
 from alignmix_jax.models.wide_resnet import WideResNet
 
 # config.model.name -> encoder constructor; WRN16-8 is WideResNet's default depth and widening.
@@ -57,11 +60,20 @@ ENCODERS = {
     # VGG-16 + conv6 (Zhou et al., 2016), the WSOL backbone; no BatchNorm: use_head_norm=False.
     'vgg16_gap': VGG16GAP,
     # Post-activation (A after BatchNorm + ReLU6): use it with use_head_norm=False.
+    'mobilenet_v2': MobileNetV2,
+    # Transformers with a head of their own (f starts with encoder.head): head_norm=False.
+    # DeiT-S/16: A is PatchTokens (the grid of patch tokens and the class token).
+    'vit_small': VisionTransformer,
+    # Swin-T: A is the last stage's map (b, h, w, 8C), before the final LayerNorm.
+    'swin_tiny': SwinTransformer,
 }
 
 # Encoders configured by a section of their own (config.model.<section>), passed to the
 # encoder's constructor as keyword arguments: config.model.name -> section.
 ENCODER_OPTIONS = {
+    'mobilenet_v2': 'mobilenet_v2',
+    'vit_small': 'vit',
+    'swin_tiny': 'swin',
 }
 
 # config.model.decoder: no decoder (AlignMixup), a vanilla or a variational autoencoder.
@@ -86,7 +98,8 @@ def has_own_head(name: str) -> bool:
 def encoder_stages(name: str) -> int:
     """How many stages F of this encoder has; representations 1..stages-1 are hidden ones.
 
-    PreActResNet18 and ResNet-50: 4, WRN: 3 (groups); VGG-GAP is not split (1).
+    PreActResNet18, ResNet-50, MobileNetV2, the ViT and Swin: 4, WRN: 3 (groups); VGG-GAP is
+    not split (1).
     """
     return getattr(encoder_class(name), 'num_stages', 1)
 
@@ -169,9 +182,9 @@ class Classifier(nn.Module):
         self.classifier = nn.Dense(self.num_classes, kernel_init=dense_kernel_init,
                                    dtype=self.dtype)
 
-    def features(self, x: jnp.ndarray, train: bool, start: int = 0,
-                 stop: int | None = None) -> jnp.ndarray:
-        """F: normalised images (b, h, w, 3) -> feature tensor A (b, h', w', c), unnormalised.
+    def features(self, x: jnp.ndarray, train: bool, start: int = 0, stop: int | None = None):
+        """F: normalised images (b, h, w, 3) -> feature tensor A (b, h', w', c), unnormalised;
+        for the ViT, its tokens (`vit.PatchTokens`: the patch grid and the class token).
 
         With `start`/`stop`, a part of F: from representation `start` (0: the images) to
         representation `stop` (None: A), where representation k is the output of the encoder's
@@ -189,8 +202,9 @@ class Classifier(nn.Module):
             a = nn.relu(self.head_norm(a, use_running_average=not train))
         return a.astype(self.dtype)
 
-    def embed(self, a: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """f: feature tensor A (b, h', w', c) -> embedding e (b, d); (mu, log sigma) for a VAE."""
+    def embed(self, a, train: bool) -> jnp.ndarray:
+        """f: feature tensor A (b, h', w', c), or a ViT's tokens -> embedding e (b, d);
+        (mu, log sigma) for a VAE."""
         if self.embedding_tensor_channels > 0:
             return self.flatten_embedding(self.embed_to_tensor(a, train))
         if has_own_head(self.encoder_name):
