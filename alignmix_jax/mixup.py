@@ -9,7 +9,8 @@ plus `gaussian_kl` for the VAE.
 The comparison methods of the paper's Table 1 are modes too, drawn the same way:
 'none' (the baseline: clean images, hard labels), 'cutmix' (Yun et al., 2019: `cutmix`), and
 'hidden1', 'hidden2', 'hidden3' (mix the output of stage k of F, `hidden_stage`): manifold
-mixup (Verma et al., 2019) draws among 'input' and hidden stages.
+mixup (Verma et al., 2019) draws among 'input' and hidden stages. Beyond the paper,
+`nt_xent` is the optional SimCLR term the train step adds on two augmented views.
 
 A transformer's representations are tokens rather than one tensor: a pair (grid, class token),
 the patch tokens at their grid positions (b, h, w, c) and the class token (b, c) or None
