@@ -4,6 +4,7 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import demo
@@ -37,6 +38,28 @@ def make_tiny_config():
     config.train.log_every_steps = 2
     config.train.checkpoint_every_steps = 2
     return config
+
+
+def fit_one_batch(step_fn, config, model, images, labels, mesh, mode: str, updates: int):
+    """Trains a fresh state `updates` steps of `mode` on one batch with `step_fn` (the training
+    loop's `train.make_train_step`), then runs step 0's draw (augmentation, permutation,
+    lambda) again with the trained parameters.
+
+    Returns the first step's metrics, those of step 0's draw again, and the parameters before
+    and after training, on the host (the step donates its input state).
+    """
+    from alignmix_jax import sharding, train
+
+    # The step donates its input state, so each call starts from a fresh one.
+    initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+    initial_params = jax.device_get(initial.params)
+    state, first_metrics = step_fn(initial, images, labels, mode=mode)
+    for _ in range(updates - 1):
+        state, _ = step_fn(state, images, labels, mode=mode)
+    trained_params = jax.device_get(state.params)
+    step_zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+    _, later_metrics = step_fn(state.replace(step=step_zero), images, labels, mode=mode)
+    return first_metrics, later_metrics, initial_params, trained_params
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from alignmix_jax import input_pipeline, mixup, reproduction, sharding, train
 from alignmix_jax.models import Classifier, build_model
 from configs import cifar10, methods, mini_reproduction
-from tests.conftest import REPO_ROOT, init_key, make_tiny_config
+from tests.conftest import REPO_ROOT, fit_one_batch, init_key, make_tiny_config
 
 HEIGHT, WIDTH = 32, 32
 
@@ -184,12 +184,8 @@ def test_each_baseline_mode_trains_through_the_step_and_compiles_once():
     step_fn = train.make_train_step(model, config, mesh)
     modes = ('none', 'cutmix', 'hidden1', 'hidden2')
     for mode in modes:
-        initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
-        state, first_metrics = step_fn(initial, images, labels, mode=mode)
-        for _ in range(5):
-            state, _ = step_fn(state, images, labels, mode=mode)
-        step_zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-        _, later_metrics = step_fn(state.replace(step=step_zero), images, labels, mode=mode)
+        first_metrics, later_metrics, _, _ = fit_one_batch(step_fn, config, model, images,
+                                                           labels, mesh, mode, updates=6)
         assert float(later_metrics['loss']) < 0.9 * float(first_metrics['loss']), mode
         assert ('lambda' in first_metrics) == (mode != 'none')
         assert 'marginal_error' not in first_metrics

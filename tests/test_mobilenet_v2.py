@@ -13,7 +13,7 @@ from alignmix_jax import input_pipeline, mixup, sharding, train
 from alignmix_jax.models import ENCODERS, build_model
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2, divisible_channels
 from configs import default
-from tests.conftest import init_key, make_tiny_config
+from tests.conftest import fit_one_batch, init_key, make_tiny_config
 
 SMALL_WIDTH = 0.25
 BATCH = 2
@@ -135,6 +135,9 @@ def test_split_at_each_stage_is_the_whole_network(small_network):
         hidden = model.apply(variables, x, train=False, stop=stage)
         rest = model.apply(variables, hidden, train=False, start=stage)
         np.testing.assert_allclose(rest, features, rtol=1e-5, atol=1e-5)
+    # From A to A runs no stage: the last convolution is stage 4's, not applied again.
+    np.testing.assert_array_equal(model.apply(variables, features, train=False, start=4),
+                                  features)
     with pytest.raises(ValueError, match='0 <= start <= stop <= 4'):
         model.apply(variables, x, train=False, stop=5)
 
@@ -281,12 +284,8 @@ def test_each_mixup_mode_trains_through_the_step_and_compiles_once():
     step_fn = train.make_train_step(model, config, mesh)
     modes = mixup.MODES + mixup.BASELINE_MODES
     for mode in modes:
-        initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
-        state, first_metrics = step_fn(initial, images, labels, mode=mode)
-        for _ in range(3):
-            state, _ = step_fn(state, images, labels, mode=mode)
-        step_zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-        _, later_metrics = step_fn(state.replace(step=step_zero), images, labels, mode=mode)
+        first_metrics, later_metrics, _, _ = fit_one_batch(step_fn, config, model, images,
+                                                           labels, mesh, mode, updates=4)
         # Step 0's draw again: its loss falls to 0.22-0.39 of the first over seeds 0-2.
         assert float(later_metrics['loss']) < 0.7 * float(first_metrics['loss']), mode
         if mode in mixup.FEATURE_MODES:

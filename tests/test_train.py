@@ -11,7 +11,7 @@ import pytest
 
 from alignmix_jax import checkpointing, input_pipeline, mixup, sharding, train
 from alignmix_jax.models import build_model
-from tests.conftest import REPO_ROOT, make_tiny_config
+from tests.conftest import REPO_ROOT, fit_one_batch, make_tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -39,14 +39,8 @@ def test_each_mode_lowers_the_loss_on_a_fixed_batch_and_compiles_once(demo_datas
     mesh = sharding.make_mesh()
     step_fn = train.make_train_step(model, config, mesh)  # the training loop's own step
     for mode in mixup.MODES:
-        # The step donates its input state, so each mode starts from a fresh one.
-        initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
-        state, first_metrics = step_fn(initial, images, labels, mode=mode)
-        for _ in range(7):
-            state, _ = step_fn(state, images, labels, mode=mode)
-        # Step 0's draw again (augmentation, permutation, lambda) with the trained parameters.
-        step_zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-        _, later_metrics = step_fn(state.replace(step=step_zero), images, labels, mode=mode)
+        first_metrics, later_metrics, _, _ = fit_one_batch(step_fn, config, model, images,
+                                                           labels, mesh, mode, updates=8)
         assert float(later_metrics['loss']) < 0.8 * float(first_metrics['loss']), mode
         if mode in mixup.FEATURE_MODES:
             assert np.isfinite(float(first_metrics['marginal_error']))

@@ -10,7 +10,7 @@ from alignmix_jax.models import Classifier, build_model
 from alignmix_jax.models.classifier import ENCODER_OPTIONS
 from alignmix_jax.models.swin import SwinBlock
 from alignmix_jax.models.vit import PatchTokens
-from tests.conftest import init_key, make_tiny_config
+from tests.conftest import fit_one_batch, init_key, make_tiny_config
 
 BATCH, SIZE, CLASSES = 2, 32, 10
 # Tiny versions of the CIFAR settings (configs/default.py): ViT patch 4 (an 8x8 token grid),
@@ -316,16 +316,10 @@ def test_each_mode_trains_the_transformer_and_compiles_once(name):
     mesh = sharding.make_mesh()
     step_fn = train.make_train_step(model, config, mesh)
     for mode in TRAIN_MODES[name]:
-        # The step donates its input state, so each mode starts from a fresh one.
-        initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
-        initial_kernel = np.asarray(initial.params['encoder']['patch_embedding']['kernel'])
-        state, first_metrics = step_fn(initial, images, labels, mode=mode)
-        for _ in range(5):
-            state, _ = step_fn(state, images, labels, mode=mode)
-        trained_kernel = np.asarray(state.params['encoder']['patch_embedding']['kernel'])
-        # Step 0's draw again (augmentation, permutation, lambda) with the trained parameters.
-        step_zero = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-        _, later_metrics = step_fn(state.replace(step=step_zero), images, labels, mode=mode)
+        first_metrics, later_metrics, initial, trained = fit_one_batch(
+            step_fn, config, model, images, labels, mesh, mode, updates=6)
+        initial_kernel = initial['encoder']['patch_embedding']['kernel']
+        trained_kernel = trained['encoder']['patch_embedding']['kernel']
         assert float(later_metrics['loss']) < 0.8 * float(first_metrics['loss']), mode
         # In 6 steps these networks learn mostly the label frequencies (g's bias): check that
         # the gradient reached F's first layer through the mode's mixing as well.

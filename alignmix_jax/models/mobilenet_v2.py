@@ -161,7 +161,7 @@ class MobileNetV2(nn.Module):
                         strides[row] if index == 0 else 1, expansion, dtype=self.dtype,
                         batch_norm_axis=axis,
                         name=f'block{first_block[row] + index}')(out, train)
-        if stop == self.num_stages:
+        if start < stop == self.num_stages:  # the last convolution belongs to stage 4
             out = conv_norm(out, divisible_channels(LAST_CHANNELS * max(1.0, self.width)), 1, 1,
                             train, self.dtype, axis, 'last')
             out = pool_features(out, self.feature_pool)

@@ -58,8 +58,10 @@ from alignmix_jax.models.preact_resnet import pool_features, scaled_channels, st
 from alignmix_jax.models.vit import (
     Mlp,
     attention_layer,
+    embed_patches,
     float32_layer_norm,
     normalize,
+    patch_embedding,
     transformer_init,
 )
 
@@ -203,10 +205,7 @@ class SwinTransformer(nn.Module):
             if (dim << stage) % heads:
                 raise ValueError(f'model.swin.num_heads={heads} does not divide the '
                                  f'{dim << stage} channels of stage {stage + 1}')
-        self.patch_embedding = nn.Conv(
-            dim, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
-            padding='VALID', kernel_init=transformer_init, bias_init=nn.initializers.zeros,
-            dtype=self.dtype)
+        self.patch_embedding = patch_embedding(dim, self.patch_size, self.dtype)
         self.patch_norm = float32_layer_norm(SWIN_LAYER_NORM_EPSILON)
         for stage in range(1, self.num_stages + 1):
             if stage > 1:
@@ -220,11 +219,8 @@ class SwinTransformer(nn.Module):
 
     def _stage(self, stage: int, x: jnp.ndarray) -> jnp.ndarray:
         if stage == 1:
-            height, width = x.shape[1:3]
-            if height % self.patch_size or width % self.patch_size:
-                raise ValueError(f'model.swin.patch_size={self.patch_size} does not divide the '
-                                 f'{height}x{width} images')
-            x = normalize(self.patch_norm, self.patch_embedding(x))
+            x = normalize(self.patch_norm,
+                          embed_patches(self.patch_embedding, x, 'model.swin.patch_size'))
         else:
             x = getattr(self, f'stage{stage}_merging')(x)
         for block in range(1, self.depths[stage - 1] + 1):

@@ -91,6 +91,24 @@ def attention_layer(num_heads: int, dtype: Any, name: str, **kwargs):
         bias_init=nn.initializers.zeros, force_fp32_for_softmax=True, name=name, **kwargs)
 
 
+def patch_embedding(dim: int, patch_size: int, dtype: Any) -> nn.Conv:
+    """The ViT's and Swin's patch embedding: a convolution with kernel = stride = patch_size,
+    no padding, timm's initialisation (apply it with `embed_patches`)."""
+    return nn.Conv(dim, (patch_size, patch_size), strides=(patch_size, patch_size),
+                   padding='VALID', kernel_init=transformer_init,
+                   bias_init=nn.initializers.zeros, dtype=dtype)
+
+
+def embed_patches(embedding: nn.Conv, images: jnp.ndarray, option: str) -> jnp.ndarray:
+    """`embedding` (a `patch_embedding`) applied to images (b, h, w, c) -> (b, h/p, w/p, d);
+    a one-line error naming the config field `option` if p does not divide h and w."""
+    patch_size = embedding.kernel_size[0]
+    height, width = images.shape[1:3]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f'{option}={patch_size} does not divide the {height}x{width} images')
+    return embedding(images)
+
+
 class Mlp(nn.Module):
     """Dense to `hidden_dim`, exact GELU (PyTorch's nn.GELU; flax's default is tanh), Dense."""
 
@@ -170,10 +188,7 @@ class VisionTransformer(nn.Module):
         if dim % self.num_heads:
             raise ValueError(f'model.vit.num_heads={self.num_heads} does not divide the token '
                              f'dimension {dim} (384 x model.width)')
-        self.patch_embedding = nn.Conv(
-            dim, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
-            padding='VALID', kernel_init=transformer_init, bias_init=nn.initializers.zeros,
-            dtype=self.dtype)
+        self.patch_embedding = patch_embedding(dim, self.patch_size, self.dtype)
         if self.class_token:
             self.class_embedding = self.param('class_token', transformer_init, (dim,))
         self.position_embedding = PositionEmbedding()
@@ -187,11 +202,7 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, images: jnp.ndarray) -> tuple[jnp.ndarray, tuple[int, int]]:
         """Images -> the token sequence [class token; patch tokens row-major] + positions."""
-        height, width = images.shape[1:3]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f'model.vit.patch_size={self.patch_size} does not divide the '
-                             f'{height}x{width} images')
-        patches = self.patch_embedding(images)
+        patches = embed_patches(self.patch_embedding, images, 'model.vit.patch_size')
         sequence = patches.reshape(patches.shape[0], -1, patches.shape[-1])
         if self.class_token:
             class_tokens = jnp.broadcast_to(self.class_embedding.astype(sequence.dtype),
