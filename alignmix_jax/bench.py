@@ -62,22 +62,22 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     import jax
     import jax.numpy as jnp
 
-    from alignmix_jax import alignment, input_pipeline, mixup, sharding, train
+    from alignmix_jax import alignment, data, mixup, sharding, train, train_step
     modes = tuple(dict.fromkeys(train.training_modes(config)))  # each once, in order
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     batch_size = config.train.batch_size
-    model = train.build_training_model(config, dataset)
+    model = train_step.build_training_model(config, dataset)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
-    steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples, batch_size)
+    steps_per_epoch = data.steps_per_epoch(dataset.num_train_examples, batch_size)
     batches = dataset.train_batches(batch_size, seed=config.seed)
     images, labels = sharding.global_batch(next(batches), mesh)
 
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
 
     def step_runner(mode):
         # The step donates its state: each call hands the new state to the next.
-        holder = [train.create_train_state(config, model, dataset.image_shape, steps_per_epoch,
+        holder = [train_step.create_train_state(config, model, dataset.image_shape, steps_per_epoch,
                                            mesh)]
 
         def run_step():

@@ -6,7 +6,7 @@
 reads a PyTorch `state_dict` file in torchvision's layout and writes `OUTPUT/variables.npz`
 (the Flax variables {'params', 'batch_stats'} as flat 'collection/module/.../name' arrays) and
 `OUTPUT/conversion.json` (the architecture, the source file, the keys that were not used).
-Training starts from it with `--config.model.pretrained=OUTPUT` (`load_pretrained`).
+Training starts from it with `--config.model.pretrained=OUTPUT` (`pretrained.load_pretrained`).
 Reading the .pth file needs PyTorch (`pip install torch`); nothing else here does.
 
 Layouts:
@@ -24,29 +24,26 @@ weights (out, in) kernels (in, out); BatchNorm weight, bias, running_mean, runni
 scale, bias (params) and mean, var (batch_stats). A 'module.' prefix (DataParallel) and a
 {'state_dict': ...} or {'model': ...} wrapper (training checkpoints) are accepted.
 
-Weights are stored as a plain .npz, not an orbax checkpoint: they are read once, into a
-state initialised from the config, on any number of devices or hosts.
+The files are written and read by `alignmix_jax.pretrained`.
 """
 
-import json
 import os
 import re
 
-import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from alignmix_jax.models.vgg import VGG16_BLOCKS, vgg16_layer_names
+from alignmix_jax.pretrained import (
+    VARIABLES_FILE,
+    ConversionError,
+    flatten,
+    save_converted,
+)
 
 ARCHS = ('resnet50', 'vgg16')
-VARIABLES_FILE = 'variables.npz'
-METADATA_FILE = 'conversion.json'
 # BatchNorm's counter of updates: PyTorch bookkeeping with no Flax counterpart.
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
-
-
-class ConversionError(ValueError):
-    """A state_dict or converted file that does not fit; the message says which key."""
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -176,86 +173,7 @@ def convert(arch: str, state: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
     return converter.variables, converter.unused()
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict[str, np.ndarray]:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{name}/'))
-        else:
-            flat[f'{prefix}{name}'] = value
-    return flat
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, name = path.split('/')
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = value
-    return tree
-
-
-def save_converted(variables: dict, output_dir: str, metadata: dict) -> str:
-    """Writes OUTPUT/variables.npz and OUTPUT/conversion.json; returns the directory."""
-    os.makedirs(output_dir, exist_ok=True)
-    np.savez(os.path.join(output_dir, VARIABLES_FILE), **_flatten(variables))
-    with open(os.path.join(output_dir, METADATA_FILE), 'w') as metadata_file:
-        json.dump(metadata, metadata_file, indent=2)
-    return output_dir
-
-
-def load_converted(path: str) -> dict:
-    """The variables tree written by `save_converted` (a directory or its variables.npz)."""
-    file = os.path.join(path, VARIABLES_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f'no converted weights at {path}: write them with `python -m '
-                                f'alignmix_jax.convert_torchvision --arch=resnet50|vgg16 '
-                                f'--state_dict=FILE.pth --output={path}`')
-    with np.load(file, allow_pickle=False) as archive:
-        return _unflatten({name: archive[name] for name in archive.files})
-
-
-def load_pretrained(variables: dict, path: str) -> dict:
-    """`variables` ({'params', 'batch_stats'}, e.g. a fresh train state's) with every array
-    that the converted weights at `path` hold replaced by theirs.
-
-    The classifier is skipped when its shape differs (another number of classes: it keeps its
-    initialisation); any other missing name or shape mismatch is an error naming it (weights
-    of another architecture or width). Arrays keep the dtype and, for jax arrays, the sharding
-    of the ones they replace. Returns a new tree with the same keys as `variables`.
-    """
-    converted = _flatten(load_converted(path))
-    target = _flatten({name: dict(variables.get(name, {})) for name in ('params', 'batch_stats')})
-    merged, skipped = dict(target), []
-    for name, value in converted.items():
-        if name not in target:
-            raise ConversionError(f'the converted weights at {path} hold {name}, which the model '
-                                  f'does not have: weights of another architecture?')
-        if tuple(value.shape) != tuple(target[name].shape):
-            if name.startswith('params/classifier/'):
-                skipped.append(name)
-                continue
-            raise ConversionError(f'{name} is {tuple(value.shape)} in the converted weights at '
-                                  f'{path} but {tuple(target[name].shape)} in the model: another '
-                                  f'architecture or width?')
-        merged[name] = _like(value, target[name])
-    kept = [name for name in target if name not in converted]
-    logging.info('Pretrained weights from %s: %d arrays loaded; kept at initialisation: %s.',
-                 path, len(converted) - len(skipped), ', '.join(sorted(kept + skipped)) or 'none')
-    tree = _unflatten(merged)
-    return {name: tree.get(name, {}) for name in variables}
-
-
-def _like(value: np.ndarray, reference):
-    value = np.asarray(value, dtype=reference.dtype)
-    if isinstance(reference, jax.Array):
-        return jax.device_put(value, reference.sharding)
-    return value
-
-
-# --- the command (flags defined only when run: importing load_pretrained defines none) ---
+# --- the command (flags defined only when run: importing this module defines none) ---
 
 def _define_flags():
     flags.DEFINE_enum('arch', None, ARCHS, 'The torchvision architecture of the state_dict.')
@@ -276,7 +194,7 @@ def main(argv):
         variables, unused = convert(options.arch, state)
     except (ImportError, FileNotFoundError, ConversionError) as error:
         raise SystemExit(f'error: {error}') from None
-    num_arrays = len(_flatten(variables))
+    num_arrays = len(flatten(variables))
     save_converted(variables, options.output, {
         'arch': options.arch, 'state_dict': os.path.abspath(options.state_dict),
         'num_arrays': num_arrays, 'unused_keys': unused})

@@ -39,7 +39,7 @@ def main(argv):
 
     from alignmix_jax import sharding, train
     from alignmix_jax.checkpointing import CheckpointError
-    from alignmix_jax.input_pipeline import DatasetError
+    from alignmix_jax.data import DatasetError
 
     try:
         sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,

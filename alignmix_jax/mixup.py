@@ -3,14 +3,14 @@
 Pure functions on arrays: the train step composes them with the model's stages
 F: x -> A, f: A -> e and g: e -> logits. One permutation pi and one lambda are drawn per
 mini-batch (Algorithm 1, lines 1 and 9), and every mode mixes example i with example pi(i).
-AlignMixup/AE's fifth mode, 'clean', mixes nothing: its loss is `reconstruction_loss` (line 7),
-plus `gaussian_kl` for the VAE.
+AlignMixup/AE's fifth mode, 'clean', mixes nothing: its loss is `losses.reconstruction_loss`
+(line 7), plus `losses.gaussian_kl` for the VAE.
 
 The comparison methods of the paper's Table 1 are modes too, drawn the same way:
 'none' (the baseline: clean images, hard labels), 'cutmix' (Yun et al., 2019: `cutmix`), and
 'hidden1', 'hidden2', 'hidden3' (mix the output of stage k of F, `hidden_stage`): manifold
-mixup (Verma et al., 2019) draws among 'input' and hidden stages. Beyond the paper,
-`nt_xent` is the optional SimCLR term the train step adds on two augmented views.
+mixup (Verma et al., 2019) draws among 'input' and hidden stages. (The losses, among them the
+optional SimCLR term on two augmented views, are in `alignmix_jax.losses`.)
 
 A transformer's representations are tokens rather than one tensor: a pair (grid, class token),
 the patch tokens at their grid positions (b, h, w, c) and the class token (b, c) or None
@@ -20,19 +20,24 @@ the patch tokens at their grid positions (b, h, w, c) and the class token (b, c)
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from alignmix_jax import alignment
 
 # 'feature_prime' is Algorithm 1's feat': the feature mode with the pair (and the labels) swapped,
 # so that A' is aligned to A and mixed by Eq. (13) instead of Eq. (12).
-MODES = ('input', 'embedding', 'feature', 'feature_prime')
-FEATURE_MODES = ('feature', 'feature_prime')
+INPUT_MODE = 'input'  # Eq. (3): mix x
+EMBEDDING_MODE = 'embedding'  # Eq. (5): mix e
+FEATURE_MODE = 'feature'  # Eq. (12): mix A with A~, A's partner aligned to A
+FEATURE_PRIME_MODE = 'feature_prime'  # Eq. (13)
+MODES = (INPUT_MODE, EMBEDDING_MODE, FEATURE_MODE, FEATURE_PRIME_MODE)
+FEATURE_MODES = (FEATURE_MODE, FEATURE_PRIME_MODE)
 # Table 8's {x, E}: the same two modes on the embedding tensor E instead of A (models with
 # embedding_tensor_channels > 0).
-TENSOR_EMBEDDING_MODES = ('embedding_tensor', 'embedding_tensor_prime')
+EMBEDDING_TENSOR_MODE = 'embedding_tensor'
+EMBEDDING_TENSOR_PRIME_MODE = 'embedding_tensor_prime'
+TENSOR_EMBEDDING_MODES = (EMBEDDING_TENSOR_MODE, EMBEDDING_TENSOR_PRIME_MODE)
 # Modes that swap the pair and the labels (Algorithm 1, line 17).
-SWAPPED_MODES = ('feature_prime', 'embedding_tensor_prime')
+SWAPPED_MODES = (FEATURE_PRIME_MODE, EMBEDDING_TENSOR_PRIME_MODE)
 # AlignMixup/AE's fifth choice (Algorithm 1, lines 5-7): no mixup, reconstruction of x.
 CLEAN_MODE = 'clean'
 # The baselines' modes: no mixup, CutMix, and mixing the output of stage k of F (manifold
@@ -111,12 +116,6 @@ def mixed_targets(one_hot: jax.Array, permutation: jax.Array, lam: jax.Array, *,
     return mix(*pair(one_hot, permutation, swap=swap), lam)
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Eq. (6): per-example cross-entropy of softmax(logits) against soft targets, in float32."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(targets * log_probs, axis=-1)
-
-
 def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
                  swap: bool, align: bool, epsilon: float, num_iters: int):
     """Mixes the feature tensors A (b, h, w, c) of each pair, aligned or not.
@@ -173,30 +172,3 @@ def cutmix(key: jax.Array, images: jax.Array, permutation: jax.Array, lam: jax.A
     mixed = jnp.where(in_box[None, :, :, None], partners, images)
     kept_share = 1.0 - ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
     return mixed, kept_share
-
-
-def reconstruction_loss(images: jax.Array, reconstructions: jax.Array) -> jax.Array:
-    """Algorithm 1, line 7: L_r(x, x_hat) = ||x - x_hat||^2 per example, in float32.
-
-    Divided by the number of pixel values (h w c): the mean squared error, so that the scale of
-    the clean mode's gradient does not grow with the image size.
-    """
-    difference = images.astype(jnp.float32) - reconstructions.astype(jnp.float32)
-    return jnp.mean(jnp.square(difference), axis=tuple(range(1, images.ndim)))
-
-
-def gaussian_kl(mean: jax.Array, log_sigma: jax.Array) -> jax.Array:
-    """KL(N(mean, sigma^2) || N(0, 1)) per example, summed over the latent dimensions."""
-    mean, log_sigma = mean.astype(jnp.float32), log_sigma.astype(jnp.float32)
-    return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(2 * log_sigma) - 1 - 2 * log_sigma, axis=-1)
-
-
-def nt_xent(first: jax.Array, second: jax.Array, temperature: float) -> jax.Array:
-    """SimCLR's NT-Xent loss (Chen et al., 2020, Eq. 1), in float32, averaged over the 2N
-    embeddings of N examples seen in two views (`first`, `second`: (N, d), row i of each the
-    same example): each one's positive is its other view, its negatives the 2N - 2 others,
-    similarities are cosines divided by `temperature`. optax.ntxent with the pairs as labels.
-    """
-    embeddings = jnp.concatenate([first, second]).astype(jnp.float32)
-    examples = jnp.arange(first.shape[0])
-    return optax.ntxent(embeddings, jnp.concatenate([examples, examples]), temperature)

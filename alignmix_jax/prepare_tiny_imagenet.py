@@ -13,7 +13,7 @@ Source, the extracted tiny-imagenet-200.zip:
     val/val_annotations.txt                file, wnid, x0, y0, x1, y1 (tab-separated), per image
     words.txt, test/                       class descriptions, unlabelled images (both ignored)
 
-Output, dataset 'image_folder' of `alignmix_jax.input_pipeline`:
+Output, dataset 'image_folder' of `alignmix_jax.data.in_memory`:
 
     OUT/train/<wnid>/<wnid>_<k>.jpg|png
     OUT/test/<wnid>/val_<k>.jpg|png        each validation image in its annotated class
@@ -46,7 +46,8 @@ from collections.abc import Callable
 
 from PIL import Image
 
-_IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')
+from alignmix_jax.data.common import IMAGE_SUFFIXES
+
 # A line of progress per tenth of a split: about 20 lines for the whole archive.
 _PROGRESS_STEPS = 10
 
@@ -81,7 +82,7 @@ def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
     """The image files of a folder, by name; anything else (e.g. a boxes file) is skipped."""
     return sorted(path for path in folder.iterdir()
                   if path.is_file() and not path.name.startswith('.')
-                  and path.suffix.lower() in _IMAGE_SUFFIXES)
+                  and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_wnids(source: pathlib.Path) -> list[str]:
@@ -117,7 +118,7 @@ def list_train_images(source: pathlib.Path, wnids: list[str]) -> list[ImageToWri
             raise _layout_error(source, f'{images_dir} is missing')
         files = _image_files(images_dir)
         if not files:
-            raise TinyImageNetError(f'{images_dir} holds no images ({", ".join(_IMAGE_SUFFIXES)})')
+            raise TinyImageNetError(f'{images_dir} holds no images ({", ".join(IMAGE_SUFFIXES)})')
         images += [ImageToWrite(path, wnid) for path in files]
     return images
 

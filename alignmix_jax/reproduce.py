@@ -21,7 +21,7 @@ instead of the quarter-width PreActResNet18:
 
 This is not the paper's protocol (2000 epochs on the full training set): it compares the
 methods on the same small budget, where the ranking may well differ from the paper's. The
-runs and the table are `alignmix_jax.reproduction`; this module is the command.
+runs and the table are `alignmix_jax.reproduction_runs`; this module is the command.
 """
 
 import os
@@ -84,8 +84,8 @@ def main(argv):
     if FLAGS.backbone != 'preact_resnet18':
         command += f' --backbone={FLAGS.backbone}'
     from alignmix_jax.checkpointing import CheckpointError
-    from alignmix_jax.input_pipeline import DatasetError
-    from alignmix_jax.reproduction import run_all
+    from alignmix_jax.data import DatasetError
+    from alignmix_jax.reproduction_runs import run_all
     try:
         run_all(make_config, chosen, seeds, FLAGS.workdir, command=command)
     except (CheckpointError, DatasetError, FloatingPointError) as error:

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax import alignment, checkpointing, input_pipeline, mixup
+from alignmix_jax import alignment, augmentation, checkpointing, data, mixup
 from alignmix_jax.command_line import hide_library_info, parse_flags
 from alignmix_jax.evaluation import common as evaluation_common
 
@@ -327,7 +327,7 @@ def write_figures(config, workdir: str, *, num_pairs: int = 4, num_lambdas: int 
     paths = []
     for k, (i, j) in enumerate(pick_pairs(test.labels, num_pairs, seed)):
         pair_names = (names[test.labels[i]], names[test.labels[j]])
-        normalised = input_pipeline.normalize(test.images[np.array([i, j])], mean, std)
+        normalised = augmentation.normalize(test.images[np.array([i, j])], mean, std)
         grid = morph_grid(model, variables, normalised[0], normalised[1], lambdas,
                           epsilon=epsilon, num_iters=num_iters)
         path = os.path.join(figures_dir, f'morph_{k}.png')
@@ -367,7 +367,7 @@ def main(argv):
     try:
         paths = write_figures(FLAGS.config, FLAGS.workdir, num_pairs=FLAGS.num_pairs,
                               num_lambdas=FLAGS.num_lambdas, seed=FLAGS.seed)
-    except (checkpointing.CheckpointError, input_pipeline.DatasetError, ValueError) as error:
+    except (checkpointing.CheckpointError, data.DatasetError, ValueError) as error:
         raise SystemExit(f'error: {error}') from None
     for path in paths:
         print(path)

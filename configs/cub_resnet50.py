@@ -27,7 +27,7 @@ training, resized to 224x224 for testing. SGD for 600 epochs, learning rate 0.01
 classifier g and 0.001 for the other layers, both x0.1 every 150 epochs, momentum 0.9, weight
 decay 1e-4, batch size 16.
 
-Localisation (alignmix_jax/localization.py): the class activation map of the last feature maps
+Localisation (alignmix_jax/cam_localization.py): the class activation map of the last feature maps
 and the classifier's weights, resized to 224x224 and min-max normalised; top-1 localisation
 with the box of the largest region above 0.15, and MaxBoxAcc-v2 (Choe et al., 2020).
 
@@ -47,11 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.download = False
     config.dataset.mean = (0.485, 0.456, 0.406)  # ImageNet's, as the pretrained weights expect
     config.dataset.std = (0.229, 0.224, 0.225)
-    # Read by alignmix_jax.cub_input: train images resized to train_resize square, then a
+    # Read by alignmix_jax.data.cub: train images resized to train_resize square, then a
     # random image_size crop and a flip (on the host); test images resized to image_size.
     config.dataset.image_size = 224
     config.dataset.train_resize = 256
-    # The host does the crop and flip: the train step's own augmentation must do nothing.
+    # The host does the crop and flip: the train step must not augment (refused otherwise).
     config.dataset.crop_padding = 0
     config.dataset.random_flip = False
 

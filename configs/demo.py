@@ -2,7 +2,7 @@
 
     python -m alignmix_jax.main --config=configs/demo.py --workdir=runs/demo
 
-5,000 training and 1,000 test images (alignmix_jax/demo_data), a quarter-width
+5,000 training and 1,000 test images (alignmix_jax/data/demo), a quarter-width
 PreActResNet18 and a short step schedule; everything else as in the paper (all four mixup
 modes, aligned, Sinkhorn eps 0.1 for 100 iterations). See the README for the time it takes
 and the test accuracy it reaches.

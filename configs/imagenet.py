@@ -30,7 +30,7 @@ Learning rates scale linearly with the global batch (Goyal et al., 2017): they a
 reference batch of 100, so with `--config.train.batch_size=B` use learning_rate = 0.01 * B / 100
 and classifier_learning_rate = 0.1 * B / 100 (e.g. B = 400, per-GPU 100 on 4 GPUs: 0.04, 0.4).
 
-Augmentation runs on the host (alignmix_jax/imagenet_input.py): RandomResizedCrop to 224
+Augmentation runs on the host (alignmix_jax/imagenet.py): RandomResizedCrop to 224
 (scale 0.08-1, ratio 3/4-4/3) and horizontal flip; evaluation resizes the shorter side to 256
 and takes the central 224x224. The device-side augmentation of the train step (padding crop,
 flip) is turned off here.
@@ -63,11 +63,11 @@ def get_config():
     config.dataset.download = False  # tfds cannot download ImageNet; it is built by hand
     config.dataset.mean = (0.485, 0.456, 0.406)
     config.dataset.std = (0.229, 0.224, 0.225)
-    # Read by alignmix_jax.imagenet_input only (new fields of the dataset section).
+    # Read by alignmix_jax.data.imagenet only (new fields of the dataset section).
     config.dataset.image_size = 224  # RandomResizedCrop output and eval centre crop
     config.dataset.eval_resize = 256  # eval: shorter side resized to this before the crop
     config.dataset.pca_lighting = False  # AlexNet-style lighting noise (the public code: on)
-    # Augmentation is done on the host: the train step's crop and flip must do nothing.
+    # Augmentation is done on the host: the train step must not augment (refused otherwise).
     config.dataset.crop_padding = 0
     config.dataset.random_flip = False
 

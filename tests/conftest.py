@@ -42,16 +42,16 @@ def make_tiny_config():
 
 def fit_one_batch(step_fn, config, model, images, labels, mesh, mode: str, updates: int):
     """Trains a fresh state `updates` steps of `mode` on one batch with `step_fn` (the training
-    loop's `train.make_train_step`), then runs step 0's draw (augmentation, permutation,
+    loop's `train_step.make_train_step`), then runs step 0's draw (augmentation, permutation,
     lambda) again with the trained parameters.
 
     Returns the first step's metrics, those of step 0's draw again, and the parameters before
     and after training, on the host (the step donates its input state).
     """
-    from alignmix_jax import sharding, train
+    from alignmix_jax import sharding, train_step
 
     # The step donates its input state, so each call starts from a fresh one.
-    initial = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+    initial = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)
     initial_params = jax.device_get(initial.params)
     state, first_metrics = step_fn(initial, images, labels, mode=mode)
     for _ in range(updates - 1):

@@ -2,7 +2,7 @@
 before JAX starts, so it cannot share the test process).
 
 For each mixup mode (and the baselines' none, cutmix, hidden2), one sharded train step on 8
-devices and the same computation done shard by shard on one device (`train.shard_gradients`
+devices and the same computation done shard by shard on one device (`train_step.device_gradients`
 with the shard's device index, averaged on the host). Then the model with synchronised
 BatchNorm (`model.sync_batch_norm`) applied in training mode under shard_map, against the
 unsynchronised model on the whole batch on one device. Prints one JSON object: the largest
@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignmix_jax import input_pipeline, mixup, sharding, train  # noqa: E402
+from alignmix_jax import augmentation, data, mixup, sharding, train_step  # noqa: E402
 from alignmix_jax.models import build_model  # noqa: E402
 from tests.conftest import make_tiny_config  # noqa: E402
 
@@ -37,21 +37,21 @@ def main():
     assert jax.device_count() == 8, jax.devices()
     config = make_tiny_config()
     config.train.batch_size = 32  # 4 examples on each of the 8 devices
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     images, labels = dataset.train.images[:32], dataset.train.labels[:32]
     model = build_model(config.model, dataset.num_classes)
     mesh = sharding.make_mesh()
     one_device = sharding.make_mesh(jax.devices()[:1])
-    sharded_step = train.make_train_step(model, config, mesh)
+    sharded_step = train_step.make_train_step(model, config, mesh)
     results = {}
     # AlignMix's modes and the baselines' (CutMix draws its box per device like lambda).
     for mode in mixup.MODES + ('none', 'cutmix', 'hidden2'):
-        state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+        state = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)
         new_state, _ = sharded_step(state, *sharding.global_batch((images, labels), mesh),
                                     mode=mode)
 
-        reference = train.create_train_state(config, model, images.shape[1:], 4, one_device)
-        shard_step = jax.jit(functools.partial(train.shard_gradients, mode=mode, model=model,
+        reference = train_step.create_train_state(config, model, images.shape[1:], 4, one_device)
+        shard_step = jax.jit(functools.partial(train_step.device_gradients, mode=mode, model=model,
                                                config=config))
         shards = [shard_step(reference, images[4 * i:4 * i + 4], labels[4 * i:4 * i + 4], i)
                   for i in range(8)]
@@ -69,7 +69,7 @@ def main():
 def sync_batch_norm_difference(config, dataset, images, mesh):
     """Training-mode logits and BatchNorm statistics of the sync model over 8 shards minus
     those of the plain model on the whole batch; and, as a control, the per-device model's."""
-    images = input_pipeline.normalize(images, config.dataset.mean, config.dataset.std)
+    images = augmentation.normalize(images, config.dataset.mean, config.dataset.std)
     plain = build_model(config.model, dataset.num_classes)
     synced = build_model(config.model, dataset.num_classes, batch_norm_axis=sharding.DATA_AXIS)
     variables = plain.init(jax.random.PRNGKey(0), images[:1], train=False)

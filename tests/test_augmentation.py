@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import input_pipeline
-from alignmix_jax.input_pipeline import _COLOR_JITTER_STREAM, _ROTATION_STREAM
+from alignmix_jax import augmentation
+from alignmix_jax.augmentation import _COLOR_JITTER_STREAM, _ROTATION_STREAM
 
 # Jitted, as in the train step, and because op-by-op dispatch would compile every operation
 # of a rotation or a hue shift separately: tens of seconds on a cold compilation cache.
-augment = jax.jit(input_pipeline.augment, static_argnames=('padding', 'flip', 'color_jitter',
+augment = jax.jit(augmentation.augment, static_argnames=('padding', 'flip', 'color_jitter',
                                                           'rotation_degrees'))
-draw_jitter_factors = jax.jit(input_pipeline.draw_jitter_factors,
+draw_jitter_factors = jax.jit(augmentation.draw_jitter_factors,
                               static_argnames=('batch_size', 'color_jitter'))
-jitter_colours = jax.jit(input_pipeline.jitter_colours)
-rotate_images = jax.jit(input_pipeline.rotate_images)
+jitter_colours = jax.jit(augmentation.jitter_colours)
+rotate_images = jax.jit(augmentation.rotate_images)
 
 LUMA = np.asarray([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale
 
@@ -46,7 +46,7 @@ def crop_and_flip_reference(key, images, padding):
 
 def test_defaults_give_exactly_the_crop_and_flip_of_the_same_key():
     images = random_images()
-    eager = input_pipeline.augment
+    eager = augmentation.augment
     for seed in range(3):
         key = jax.random.PRNGKey(seed)
         expected = crop_and_flip_reference(key, images, padding=4)
@@ -230,13 +230,42 @@ def test_augment_rotates_by_at_most_rotation_degrees():
 ])
 def test_invalid_settings_are_refused_saying_what_is_expected(arguments, message):
     with pytest.raises(ValueError, match=message) as raised:
-        input_pipeline.augment(jax.random.PRNGKey(0), random_images(0, (2, 4, 4, 3)), **arguments)
+        augmentation.augment(jax.random.PRNGKey(0), random_images(0, (2, 4, 4, 3)), **arguments)
     assert '\n' not in str(raised.value)
 
 
 def test_jitter_needs_rgb_but_rotation_takes_any_channels():
     gray = random_images(0, (2, 8, 8, 1))
     with pytest.raises(ValueError, match=r'color_jitter needs RGB images \(3 channels\), got 1'):
-        input_pipeline.augment(jax.random.PRNGKey(0), gray, color_jitter=(0.4, 0.0, 0.0, 0.0))
+        augmentation.augment(jax.random.PRNGKey(0), gray, color_jitter=(0.4, 0.0, 0.0, 0.0))
     rotated = augment(jax.random.PRNGKey(0), gray, rotation_degrees=10.0)
     assert rotated.shape == gray.shape and rotated.dtype == jnp.uint8
+
+
+def test_device_augmentation_of_a_host_augmented_dataset_is_refused():
+    from alignmix_jax import data
+    from alignmix_jax.data import cub, imagenet
+    from configs import cub_resnet50, demo
+
+    # The in-memory datasets are augmented by the train step; ImageNet and CUB by their own
+    # pipelines.
+    assert data.Dataset.device_augmentation
+    assert not imagenet.StreamingDataset.device_augmentation
+    assert not cub.LocalizationDataset.device_augmentation
+
+    host_augmented = cub_resnet50.get_config()
+    augmentation.check_device_augmentation(host_augmented.dataset, cub.LocalizationDataset)
+    # demo's dataset section asks for crop + flip: on CUB that would augment twice.
+    doubled = demo.get_config().dataset
+    doubled.name = 'cub'
+    with pytest.raises(ValueError, match=r"^dataset 'cub' is augmented by its own pipeline: "
+                                         r'set --config.dataset.crop_padding=0'):
+        augmentation.check_device_augmentation(doubled, cub.LocalizationDataset)
+    for field, value in (('rotation_degrees', 10.0), ('color_jitter', (0.4, 0.0, 0.0, 0.0)),
+                         ('random_flip', True), ('crop_padding', 4)):
+        asking = host_augmented.dataset.copy_and_resolve_references()
+        setattr(asking, field, value)
+        with pytest.raises(ValueError, match='augmented by its own pipeline'):
+            augmentation.check_device_augmentation(asking, imagenet.StreamingDataset)
+    # The same config on an in-memory dataset is fine.
+    augmentation.check_device_augmentation(doubled, data.Dataset)

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alignmix_jax import input_pipeline, mixup, reproduction, sharding, train
+from alignmix_jax import data, mixup, reproduction_runs, sharding, train, train_step
 from alignmix_jax.models import Classifier, build_model
 from configs import cifar10, methods, mini_reproduction
 from tests.conftest import REPO_ROOT, fit_one_batch, init_key, make_tiny_config
@@ -81,7 +81,7 @@ def clean_forward(model, variables, images):
 def forward(mode, model, variables, images, one_hot, lam=0.3):
     config = make_tiny_config().mixup
     permutation = jnp.array([7, 0, 1, 2, 3, 4, 5, 6])
-    return train._mixed_forward(mode, model, variables['params'], variables['batch_stats'],
+    return train_step.mixed_forward(mode, model, variables['params'], variables['batch_stats'],
                                 images, one_hot, permutation, jnp.float32(lam), config,
                                 jax.random.PRNGKey(3))
 
@@ -177,11 +177,11 @@ def test_modes_are_validated_against_the_encoder():
 
 def test_each_baseline_mode_trains_through_the_step_and_compiles_once():
     config = make_tiny_config()
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     model = build_model(config.model, dataset.num_classes)
     images, labels = dataset.train.images[:16], dataset.train.labels[:16]
     mesh = sharding.make_mesh()
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
     modes = ('none', 'cutmix', 'hidden1', 'hidden2')
     for mode in modes:
         first_metrics, later_metrics, _, _ = fit_one_batch(step_fn, config, model, images,
@@ -232,21 +232,22 @@ def tiny_method_config(method: str) -> ml_collections.ConfigDict:
 
 def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkeypatch):
     loads = []
-    load_dataset = input_pipeline.load_dataset
+    load_dataset = data.load_dataset
 
     def counting_load(dataset_config):
         loads.append(dataset_config.name)
         return load_dataset(dataset_config)
 
-    monkeypatch.setattr(input_pipeline, 'load_dataset', counting_load)
+    monkeypatch.setattr(data, 'load_dataset', counting_load)
     workdir = str(tmp_path)
-    summary = reproduction.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
+    summary = reproduction_runs.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
                                 command='the command')
     assert loads == ['demo']  # one dataset, shared by the four runs
     for method in ('baseline', 'cutmix'):
         finals = []
         for seed in (0, 1):
-            with open(f'{reproduction.run_directory(workdir, method, seed)}/results.json') as f:
+            run_directory = reproduction_runs.run_directory(workdir, method, seed)
+            with open(f'{run_directory}/results.json') as f:
                 run = json.load(f)
             finals.append(run['final_test_accuracy'])
             assert run['wall_seconds'] > 0
@@ -266,7 +267,7 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
         raise AssertionError('a finished run was trained again')
 
     monkeypatch.setattr(train, 'train_and_evaluate', no_training)
-    again = reproduction.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
+    again = reproduction_runs.run_all(tiny_method_config, ['baseline', 'cutmix'], [0, 1], workdir,
                               command='the command')
     assert again == summary
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignmix_jax import input_pipeline, mixup, sharding, train, visualize
+from alignmix_jax import augmentation, data, mixup, sharding, train, train_step, visualize
 from alignmix_jax.models import build_model
 from alignmix_jax.models.decoder import decoder_layout
 from tests.conftest import REPO_ROOT, make_tiny_config
@@ -26,7 +26,7 @@ def ae_config(decoder='ae', **model_overrides):
 
 @pytest.fixture(scope='module')
 def demo_dataset():
-    return input_pipeline.load_dataset(make_tiny_config().dataset)
+    return data.load_dataset(make_tiny_config().dataset)
 
 
 def make_model(config, dataset):
@@ -80,15 +80,15 @@ def test_clean_mode_trains_f_and_d_and_the_mixup_modes_leave_d_untouched(demo_da
     model = make_model(config, demo_dataset)
     images, labels = demo_dataset.train.images[:16], demo_dataset.train.labels[:16]
     mesh = sharding.make_mesh()
-    step_fn = train.make_train_step(model, config, mesh)
-    state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
+    state = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)
 
     # The gradient of the reconstruction loss wrt g is exactly zero, and D's is not.
-    grads, _, _ = train.shard_gradients(state, images, labels, 0, mode='clean', model=model,
+    grads, _, _ = train_step.device_gradients(state, images, labels, 0, mode='clean', model=model,
                                         config=config)
     assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(grads['classifier']))
     assert any(np.any(leaf != 0) for leaf in jax.tree.leaves(grads['decoder']))
-    grads, _, _ = train.shard_gradients(state, images, labels, 0, mode='input', model=model,
+    grads, _, _ = train_step.device_gradients(state, images, labels, 0, mode='input', model=model,
                                         config=config)
     assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(grads['decoder']))
 
@@ -136,7 +136,7 @@ def test_decoder_can_have_its_own_learning_rate():
     config = make_tiny_config().train
     config.momentum, config.weight_decay = 0.0, 0.0
     config.learning_rate, config.decoder_learning_rate = 0.1, 0.02
-    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=5)
+    optimizer, schedule = train_step.make_optimizer(config, steps_per_epoch=5)
     params = {'encoder': {'kernel': jnp.ones(2)}, 'decoder': {'kernel': jnp.ones(3)},
               'classifier': {'kernel': jnp.ones(1)}}
     updates, _ = optimizer.update(jax.tree.map(jnp.ones_like, params), optimizer.init(params),
@@ -165,10 +165,10 @@ def test_vae_and_the_embedding_tensor_rows_train(demo_dataset):
 
     config = ae_config('vae')
     model = make_model(config, demo_dataset)
-    state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+    state = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)
     assert set(state.params['posterior']) == {'mean', 'log_sigma'}
     assert state.params['classifier']['kernel'].shape == (64, 10)  # g reads mu only
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
     state, clean_metrics = step_fn(state, images, labels, mode='clean')
     state, mixup_metrics = step_fn(state, images, labels, mode='embedding')
     # log sigma starts at 0 and mu near 0: the KL term starts small and positive.
@@ -179,13 +179,13 @@ def test_vae_and_the_embedding_tensor_rows_train(demo_dataset):
     config = ae_config(embedding_tensor_channels=8)
     config.mixup.modes = ('input', 'embedding_tensor', 'embedding_tensor_prime')
     model = make_model(config, demo_dataset)
-    state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+    state = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     features = model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False, method='features')
     tensor = model.apply(variables, features, train=False, method='embed_to_tensor')
     assert tensor.shape == (2, 2, 2, 8)
     assert state.params['decoder']['project']['kernel'].shape[0] == 32
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
     for mode in train.training_modes(config):
         state, step_metrics = step_fn(state, images, labels, mode=mode)
         if mode == 'embedding_tensor':
@@ -198,7 +198,7 @@ def initialised_ae(demo_dataset):
     config = ae_config()
     model = make_model(config, demo_dataset)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    images = input_pipeline.normalize(demo_dataset.test.images[:2], config.dataset.mean,
+    images = augmentation.normalize(demo_dataset.test.images[:2], config.dataset.mean,
                                       config.dataset.std)
     return model, variables, images
 

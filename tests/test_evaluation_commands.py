@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import checkpointing, input_pipeline, train
+from alignmix_jax import augmentation, checkpointing, train
 from alignmix_jax.evaluation import common, ood
 from tests.conftest import REPO_ROOT, make_tiny_config
 
@@ -85,7 +85,7 @@ def test_ood_command_against_scores_computed_here(trained):
     context, variables, _ = common.load(config, workdir)
 
     def max_softmax(images):
-        normalized = input_pipeline.normalize(images, config.dataset.mean, config.dataset.std)
+        normalized = augmentation.normalize(images, config.dataset.mean, config.dataset.std)
         logits = context.model.apply(variables, normalized, train=False)
         return np.asarray(jax.nn.softmax(logits).max(-1))
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import evaluation, input_pipeline, sharding
+from alignmix_jax import data, evaluation, sharding
 from alignmix_jax.evaluation import calibration, classification, common, ood, robustness
 from configs import default
 
@@ -169,7 +169,7 @@ def test_normalize_agrees_for_uint8_and_unit_float_pixels():
 def test_map_batches_drops_padding_and_keeps_order():
     context = _context()
     images = np.arange(7, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    split = input_pipeline.Split(images=images, labels=np.arange(7, dtype=np.int32) + 10)
+    split = data.Split(images=images, labels=np.arange(7, dtype=np.int32) + 10)
 
     @jax.jit
     def first_pixel(variables, batch_index, batch_images, labels):
@@ -183,7 +183,7 @@ def test_map_batches_drops_padding_and_keeps_order():
 
 
 def test_subset_is_fixed_sorted_and_checked():
-    split = input_pipeline.Split(images=np.zeros((50, 2, 2, 3), np.uint8),
+    split = data.Split(images=np.zeros((50, 2, 2, 3), np.uint8),
                                  labels=np.arange(50, dtype=np.int32))
     chosen = common.subset(split, 10).labels
     assert len(set(chosen)) == 10 and np.all(np.diff(chosen) > 0)
@@ -216,27 +216,27 @@ def test_folder_images_are_centre_cropped_or_resized(tmp_path):
     assert np.all(cropped[0] == 77)  # enlarged to 32x40, then cropped
     resized = ood.folder_images(str(tmp_path), (8, 8, 3), 'resize')
     assert resized.shape == (2, 8, 8, 3)
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match='holds no images'):
+    with pytest.raises(data.DatasetNotFoundError, match='holds no images'):
         ood.folder_images(str(tmp_path / 'sub' / 'nothing'), (8, 8, 3), 'crop')
 
 
 def _four_class_dataset():
     labels = np.array([0, 1, 2, 3] * 3, np.int32)
     images = np.broadcast_to(labels[:, None, None, None], (12, 2, 2, 3)).astype(np.uint8)
-    split = input_pipeline.Split(images=images, labels=labels)
-    return input_pipeline.Dataset(train=split, test=split, num_classes=4,
+    split = data.Split(images=images, labels=labels)
+    return data.Dataset(train=split, test=split, num_classes=4,
                                   class_names=('a', 'b', 'c', 'd'))
 
 
 def test_hold_out_classes_relabels_contiguously():
-    dataset = input_pipeline.hold_out_classes(_four_class_dataset(), ('b', 3))
+    dataset = data.hold_out_classes(_four_class_dataset(), ('b', 3))
     assert dataset.class_names == ('a', 'c') and dataset.num_classes == 2
     np.testing.assert_array_equal(dataset.train.labels, [0, 1] * 3)
     # The images of class 'c' (pixel value 2) now carry label 1.
     np.testing.assert_array_equal(dataset.test.images[dataset.test.labels == 1], 2)
     np.testing.assert_array_equal(dataset.held_out_test.labels, [1, 3] * 3)
-    with pytest.raises(input_pipeline.DatasetError, match="no class 'e'"):
-        input_pipeline.hold_out_classes(_four_class_dataset(), ('e',))
+    with pytest.raises(data.DatasetError, match="no class 'e'"):
+        data.hold_out_classes(_four_class_dataset(), ('e',))
 
 
 def test_unknown_kind_and_options_are_one_line_errors():

@@ -15,7 +15,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from alignmix_jax import imagenet_input, input_pipeline
+from alignmix_jax import data
+from alignmix_jax.data import common as data_common
+from alignmix_jax.data import imagenet, imagenet_transforms
 
 IMAGE_SIZE = 32
 EVAL_RESIZE = 40
@@ -33,7 +35,7 @@ SIZES = ((200, 300), (180, 150), (64, 64), (90, 410), (400, 40), (121, 97))
 
 
 def tf_module():
-    return input_pipeline._import_tensorflow()
+    return data_common.import_tensorflow()
 
 
 def write_image(path: pathlib.Path, colour, size, kind):
@@ -82,7 +84,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def dataset(folder):
-    return imagenet_input.load_imagenet(dataset_config(folder[0]))
+    return imagenet.load_imagenet(dataset_config(folder[0]))
 
 
 def identify(images, owner):
@@ -130,7 +132,7 @@ def textured_dataset(tmp_path_factory):
                 height, width = SIZES[rng.integers(len(SIZES))]
                 pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f'{index}.jpg', quality=90)
-    return imagenet_input.load_imagenet(dataset_config(root))
+    return imagenet.load_imagenet(dataset_config(root))
 
 
 @pytest.fixture(scope='module')
@@ -208,7 +210,7 @@ def test_train_crops_and_flips_real_content(tmp_path):
         (root / split / 'a').mkdir(parents=True)
         for index in range(10):  # copies, so that 40 draws take few epochs
             Image.fromarray(pixels).save(root / split / 'a' / f'halves{index}.png')
-    dataset = imagenet_input.load_imagenet(dataset_config(root))
+    dataset = imagenet.load_imagenet(dataset_config(root))
     iterator = dataset.train_batches(2, seed=0)
     left_bright = []
     for _ in range(20):
@@ -278,7 +280,7 @@ def test_eval_resizes_the_shorter_side_and_takes_the_centre(tmp_path):
     }
     for name, (source, _, _) in cases.items():
         write_ramp(root / 'val' / 'a' / name, *source)
-    dataset = imagenet_input.load_imagenet(dataset_config(root))
+    dataset = imagenet.load_imagenet(dataset_config(root))
     (images, _, mask), = dataset.eval_batches(4)
     assert mask.all()
     index = np.arange(IMAGE_SIZE)
@@ -294,7 +296,7 @@ def test_eval_resizes_the_shorter_side_and_takes_the_centre(tmp_path):
 
 def test_random_resized_crop_windows_follow_torchvision():
     tf = tf_module()
-    crop_window = functools.partial(imagenet_input._crop_window, tf)
+    crop_window = functools.partial(imagenet_transforms._crop_window, tf)
 
     def windows(height, width, count=400):
         seeds = tf.data.Dataset.range(count).map(
@@ -319,7 +321,7 @@ def test_random_resized_crop_windows_follow_torchvision():
 
 def test_pca_lighting_shifts_each_image_by_a_colour(folder, flat_stream):
     root, owner = folder
-    lit = imagenet_input.load_imagenet(dataset_config(root, pca_lighting=True))
+    lit = imagenet.load_imagenet(dataset_config(root, pca_lighting=True))
     stream = global_stream(lit, 1, 1)
     images, plain = stream[0][0].astype(int), flat_stream[0][0].astype(int)
     assert identify(stream[0][0], owner) == identify(flat_stream[0][0], owner)
@@ -328,15 +330,15 @@ def test_pca_lighting_shifts_each_image_by_a_colour(folder, flat_stream):
     assert np.all(shifts.max(axis=1) - shifts.min(axis=1) <= 1)
     mean_shift = shifts.mean(axis=1)
     assert np.any(np.abs(mean_shift) >= 1)
-    eigvec = np.array(imagenet_input.LIGHTING_EIGVEC)
+    eigvec = np.array(imagenet_transforms.LIGHTING_EIGVEC)
     alpha = np.linalg.solve(eigvec, mean_shift.T).T / (255 * np.array(
-        imagenet_input.LIGHTING_EIGVAL))
-    assert np.all(np.abs(alpha[:, 0]) < 5 * imagenet_input.LIGHTING_STD)
+        imagenet_transforms.LIGHTING_EIGVAL))
+    assert np.all(np.abs(alpha[:, 0]) < 5 * imagenet_transforms.LIGHTING_STD)
 
 
 def test_train_subset_is_class_balanced(folder):
     root, owner = folder
-    subset = imagenet_input.load_imagenet(dataset_config(root, train_subset=9))
+    subset = imagenet.load_imagenet(dataset_config(root, train_subset=9))
     assert subset.num_train_examples == 9
     (images, labels), = global_stream(subset, 1, 1, batch=9)
     assert np.bincount(labels, minlength=3).tolist() == [3, 3, 3]
@@ -384,7 +386,7 @@ def example_ids(images, labels):
 def tfds_imagenet(tmp_path_factory):
     builder = FlatImagenet2012(data_dir=str(tmp_path_factory.mktemp('tfds')))
     builder.download_and_prepare()
-    return imagenet_input.tfds_dataset(builder, image_size=IMAGE_SIZE, eval_resize=EVAL_RESIZE)
+    return imagenet.tfds_dataset(builder, image_size=IMAGE_SIZE, eval_resize=EVAL_RESIZE)
 
 
 @pytest.mark.parametrize('process_count', [1, 2, 3])
@@ -421,13 +423,13 @@ def test_tfds_source_shares_cover_train_and_validation(tfds_imagenet, process_co
 def assert_one_line(error):
     message = str(error.value)
     assert message and '\n' not in message
-    assert isinstance(error.value, input_pipeline.DatasetError)
+    assert isinstance(error.value, data.DatasetError)
     return message
 
 
 def test_unprepared_tfds_imagenet_says_what_to_do(tmp_path):
-    with pytest.raises(input_pipeline.DatasetNotFoundError) as error:
-        imagenet_input.load_imagenet(dataset_config(tmp_path, name='imagenet2012'))
+    with pytest.raises(data.DatasetNotFoundError) as error:
+        imagenet.load_imagenet(dataset_config(tmp_path, name='imagenet2012'))
     message = assert_one_line(error)
     for part in (f'{tmp_path}/downloads/manual/', 'ILSVRC2012_img_train.tar',
                  'ILSVRC2012_img_val.tar', f'tfds build imagenet2012 --data_dir={tmp_path}',
@@ -454,8 +456,8 @@ def test_folder_errors_are_one_line(tmp_path, layout, expected):
             (tmp_path / 'train' / 'b').mkdir()
             write_image(tmp_path / 'train' / 'b' / 'y.jpg', (20, 70, 120), (40, 40), 'rgb')
     data_dir = {None: '', 'missing': tmp_path / 'nowhere'}.get(layout, tmp_path)
-    with pytest.raises(input_pipeline.DatasetError, match=expected) as error:
-        imagenet_input.load_imagenet(dataset_config(data_dir))
+    with pytest.raises(data.DatasetError, match=expected) as error:
+        imagenet.load_imagenet(dataset_config(data_dir))
     assert_one_line(error)
 
 
@@ -466,8 +468,8 @@ def test_undecodable_file_is_named(tmp_path):
             write_image(tmp_path / split / 'a' / f'{index}.jpg', (20, 70, 120), (40, 40), 'rgb')
     broken = tmp_path / 'train' / 'a' / '1.jpg'
     broken.write_bytes(b'not an image')
-    dataset = imagenet_input.load_imagenet(dataset_config(tmp_path))
-    with pytest.raises(input_pipeline.DatasetError, match='1.jpg could not be read') as error:
+    dataset = imagenet.load_imagenet(dataset_config(tmp_path))
+    with pytest.raises(data.DatasetError, match='1.jpg could not be read') as error:
         next(dataset.train_batches(3, seed=0))
     assert str(broken) in assert_one_line(error)
 

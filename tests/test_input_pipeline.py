@@ -13,7 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from alignmix_jax import input_pipeline
+from alignmix_jax import augmentation, data
+from alignmix_jax.data import in_memory
 from configs import default
 
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg'
@@ -37,7 +38,7 @@ def random_split(num_examples, seed=0, size=8):
     # Each image carries its index in its first pixels, so batches can be traced back.
     images[:, 0, 0, 0] = np.arange(num_examples) % 256
     images[:, 0, 0, 1] = np.arange(num_examples) // 256
-    return input_pipeline.Split(images=images,
+    return data.Split(images=images,
                                 labels=rng.integers(0, 10, num_examples).astype(np.int32))
 
 
@@ -61,11 +62,11 @@ def cifar_slice(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def demo_dataset():
-    return input_pipeline.load_dataset(dataset_config(name='demo'))
+    return data.load_dataset(dataset_config(name='demo'))
 
 
 def test_image_folder_gives_sorted_labels_and_the_pixels_pil_decodes(cifar_slice):
-    dataset = input_pipeline.load_dataset(
+    dataset = data.load_dataset(
         dataset_config(name='image_folder', data_dir=str(cifar_slice)))
     assert dataset.class_names == ('airplane', 'bird', 'cat')
     assert dataset.num_classes == 3
@@ -89,44 +90,44 @@ def test_image_folder_rejects_mixed_sizes_other_classes_and_broken_files(tmp_pat
         (mixed / split / 'airplane' / 'a.jpg').symlink_to(
             CIFAR10_JPEG / split / 'airplane' / '0000.jpg')
     Image.new('RGB', (16, 20)).save(mixed / 'test' / 'airplane' / 'b.png')
-    with pytest.raises(input_pipeline.DatasetError, match=r'b\.png is 20x16 but .*a\.jpg is '
+    with pytest.raises(data.DatasetError, match=r'b\.png is 20x16 but .*a\.jpg is '
                        r'32x32: all images of .*test must have the same size \(1 differ\)'):
-        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
+        data.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
 
     (mixed / 'train' / 'ship').mkdir()
     (mixed / 'train' / 'ship' / 'c.jpg').symlink_to(CIFAR10_JPEG / 'train' / 'ship' / '0000.jpg')
-    with pytest.raises(input_pipeline.DatasetError,
+    with pytest.raises(data.DatasetError,
                        match=r"only in train: \['ship'\], only in test: \[\]"):
-        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
+        data.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
 
     (mixed / 'test' / 'airplane' / 'b.png').unlink()
     (mixed / 'test' / 'ship').mkdir()
     (mixed / 'test' / 'ship' / 'd.jpg').write_bytes(b'not an image')
-    with pytest.raises(input_pipeline.DatasetError,
+    with pytest.raises(data.DatasetError,
                        match=r'ship/d\.jpg could not be read as an image \(not a decodable '
                              r'image file\); 1 of the 2 images of .*test could not'):
-        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
+        data.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
 
 
 def test_missing_image_folder_or_split_is_a_clear_not_found_error(tmp_path):
     started = time.monotonic()
-    with pytest.raises(input_pipeline.DatasetNotFoundError,
+    with pytest.raises(data.DatasetNotFoundError,
                        match=r'image folder .*nowhere does not exist: pass '
                              r'--config\.dataset\.data_dir=PATH'):
-        input_pipeline.load_dataset(
+        data.load_dataset(
             dataset_config(name='image_folder', data_dir=str(tmp_path / 'nowhere')))
     (tmp_path / 'train' / 'airplane').mkdir(parents=True)
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match=r'class folder .*airplane '
+    with pytest.raises(data.DatasetNotFoundError, match=r'class folder .*airplane '
                                                                   r'holds no images'):
-        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
+        data.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
     (tmp_path / 'train' / 'airplane' / 'a.jpg').symlink_to(
         CIFAR10_JPEG / 'train' / 'airplane' / '0000.jpg')
-    with pytest.raises(input_pipeline.DatasetNotFoundError,
+    with pytest.raises(data.DatasetNotFoundError,
                        match=r'image folder split .*test does not exist'):
-        input_pipeline.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
+        data.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
     assert time.monotonic() - started < 5
     # main.py prints DatasetNotFoundError as one line; it is also a FileNotFoundError.
-    assert issubclass(input_pipeline.DatasetNotFoundError, FileNotFoundError)
+    assert issubclass(data.DatasetNotFoundError, FileNotFoundError)
 
 
 @pytest.mark.parametrize('download', [False, True])
@@ -138,12 +139,12 @@ def test_unprepared_tfds_dataset_fails_fast_with_one_line_saying_what_to_do(tmp_
     def refuse(address, *args, **kwargs):
         raise OSError(f'no route to {address[0]} (test)')
 
-    monkeypatch.setattr(input_pipeline.socket, 'create_connection', refuse)
+    monkeypatch.setattr(in_memory.socket, 'create_connection', refuse)
     monkeypatch.delenv('https_proxy', raising=False)
     monkeypatch.delenv('HTTPS_PROXY', raising=False)
     started = time.monotonic()
-    with pytest.raises(input_pipeline.DatasetNotFoundError) as raised:
-        input_pipeline.load_dataset(
+    with pytest.raises(data.DatasetNotFoundError) as raised:
+        data.load_dataset(
             dataset_config(name='cifar10', data_dir=str(tmp_path), download=download))
     assert time.monotonic() - started < 15
     message = str(raised.value)
@@ -161,7 +162,7 @@ def test_prepared_tfds_dataset_becomes_uint8_and_int32_arrays(monkeypatch):
     # The real cifar10 cannot be prepared offline; tfds' mock serves random examples instead.
     with tfds.testing.mock_data(num_examples=7):
         monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda builder: True)
-        dataset = input_pipeline.load_dataset(dataset_config(name='cifar10', download=False))
+        dataset = data.load_dataset(dataset_config(name='cifar10', download=False))
     assert dataset.num_classes == 10
     # tfds reads CIFAR's class names from the downloaded files; unprepared, they are indices.
     assert dataset.class_names == tuple(str(label) for label in range(10))
@@ -173,7 +174,7 @@ def test_prepared_tfds_dataset_becomes_uint8_and_int32_arrays(monkeypatch):
 
 
 def test_demo_file_is_small_balanced_and_holds_the_original_jpeg_bytes(demo_dataset):
-    assert input_pipeline.DEMO_DATA_PATH.stat().st_size <= 10 * 2**20
+    assert data.DEMO_DATA_PATH.stat().st_size <= 10 * 2**20
     assert demo_dataset.num_classes == 10
     assert demo_dataset.class_names == tuple(sorted(os.listdir(CIFAR10_JPEG / 'train')))
     assert demo_dataset.train.images.shape == (5000, 32, 32, 3)
@@ -181,21 +182,21 @@ def test_demo_file_is_small_balanced_and_holds_the_original_jpeg_bytes(demo_data
     assert Counter(demo_dataset.train.labels.tolist()) == {label: 500 for label in range(10)}
     assert Counter(demo_dataset.test.labels.tolist()) == {label: 100 for label in range(10)}
     # Image 501 of the training split is the second file of the second class, byte for byte.
-    with np.load(input_pipeline.DEMO_DATA_PATH) as archive:
+    with np.load(data.DEMO_DATA_PATH) as archive:
         start, end = archive['train_offsets'][501:503]
         stored = archive['train_jpeg_bytes'][start:end].tobytes()
     source = CIFAR10_JPEG / 'train' / 'automobile' / '0001.jpg'
     assert stored == source.read_bytes()
     np.testing.assert_array_equal(demo_dataset.train.images[501], pil_decode(source))
     # The archive was written with fixed timestamps, so rebuilding it changes no byte.
-    with zipfile.ZipFile(input_pipeline.DEMO_DATA_PATH) as archive:
+    with zipfile.ZipFile(data.DEMO_DATA_PATH) as archive:
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
 def test_train_subset_is_fixed_class_balanced_and_leaves_test_whole(demo_dataset):
     config = dataset_config(name='demo', train_subset=64)
-    subset = input_pipeline.load_dataset(config).train
-    again = input_pipeline.load_dataset(config).train
+    subset = data.load_dataset(config).train
+    again = data.load_dataset(config).train
     np.testing.assert_array_equal(subset.images, again.images)
     counts = Counter(subset.labels.tolist())
     assert sorted(counts.values()) == [6] * 6 + [7] * 4
@@ -210,12 +211,12 @@ def test_train_subset_is_fixed_class_balanced_and_leaves_test_whole(demo_dataset
 
 def test_normalize_is_the_per_channel_formula_exactly():
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-    compiled = jax.jit(input_pipeline.normalize, static_argnums=(1, 2))
+    compiled = jax.jit(augmentation.normalize, static_argnums=(1, 2))
     for value in range(256):
         images = np.full((2, 4, 4, 3), value, np.uint8)
         # The formula in float64, rounded once to float32.
         expected = ((value / 255 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
-        for normalize in (input_pipeline.normalize, compiled):
+        for normalize in (augmentation.normalize, compiled):
             normalized = np.asarray(normalize(jnp.asarray(images), mean, std))
             assert normalized.dtype == np.float32
             np.testing.assert_array_equal(normalized, np.broadcast_to(expected, images.shape))
@@ -244,7 +245,7 @@ def test_augment_crops_a_window_of_the_padded_image_and_flips_half_the_time():
     windows = candidate_windows(image, padding=4)
     assert len(windows) == 2 * 81  # all distinct, so each output names its crop and flip
     batch = np.broadcast_to(image, (2000, 32, 32, 3))
-    augment = jax.jit(input_pipeline.augment, static_argnames=('padding', 'flip'))
+    augment = jax.jit(augmentation.augment, static_argnames=('padding', 'flip'))
     augmented = np.asarray(augment(jax.random.PRNGKey(7), batch, padding=4, flip=True))
     assert augmented.shape == batch.shape and augmented.dtype == np.uint8
     draws = [windows[example.tobytes()] for example in augmented]  # KeyError: not a window
@@ -263,14 +264,14 @@ def test_augment_crops_a_window_of_the_padded_image_and_flips_half_the_time():
 def test_augment_without_padding_or_flip_is_the_identity():
     images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(
-        input_pipeline.augment(jax.random.PRNGKey(0), images, padding=0, flip=False), images)
+        augmentation.augment(jax.random.PRNGKey(0), images, padding=0, flip=False), images)
 
 
 def test_eval_batches_cover_every_image_once_with_one_shape():
     split = random_split(1003)
     seen_indices, seen_labels = [], []
     num_batches = 0
-    for images, labels, mask in input_pipeline.eval_batches(split, 128):
+    for images, labels, mask in data.eval_batches(split, 128):
         assert images.shape == (128, 8, 8, 3) and labels.shape == mask.shape == (128,)
         assert not images[~mask].any()
         seen_indices.append(example_indices(images[mask]))
@@ -284,8 +285,8 @@ def test_eval_batches_cover_every_image_once_with_one_shape():
 def test_train_batches_are_epoch_permutations_and_resume_exactly():
     split = random_split(1003)
     batch_size = 100
-    assert input_pipeline.steps_per_epoch(1003, batch_size) == 10
-    batches = input_pipeline.train_batches(split, batch_size, seed=5)
+    assert data.steps_per_epoch(1003, batch_size) == 10
+    batches = data.train_batches(split, batch_size, seed=5)
     steps = [next(batches) for _ in range(25)]
     for images, labels in steps:
         assert images.shape == (100, 8, 8, 3) and labels.shape == (100,)
@@ -299,20 +300,20 @@ def test_train_batches_are_epoch_permutations_and_resume_exactly():
     assert not np.array_equal(example_indices(steps[0][0]), example_indices(steps[10][0]))
     # Resuming mid-epoch 0 and right at the start of epoch 2 gives the same batches.
     for start_step in (7, 20):
-        resumed = input_pipeline.train_batches(split, batch_size, seed=5, start_step=start_step)
+        resumed = data.train_batches(split, batch_size, seed=5, start_step=start_step)
         for step in range(start_step, 25):
             images, labels = next(resumed)
             np.testing.assert_array_equal(images, steps[step][0])
             np.testing.assert_array_equal(labels, steps[step][1])
-    other_seed = next(input_pipeline.train_batches(split, batch_size, seed=6))[0]
+    other_seed = next(data.train_batches(split, batch_size, seed=6))[0]
     assert not np.array_equal(other_seed, steps[0][0])
 
 
 def test_a_batch_larger_than_the_split_is_refused():
     with pytest.raises(ValueError, match=r'batch size 128 must be in \[1, 100\]'):
-        input_pipeline.steps_per_epoch(100, 128)
+        data.steps_per_epoch(100, 128)
     with pytest.raises(ValueError, match=r'batch size 128'):
-        next(input_pipeline.train_batches(random_split(100), 128, seed=0))
+        next(data.train_batches(random_split(100), 128, seed=0))
 
 
 
@@ -321,7 +322,7 @@ def _labelled_split(num_examples):
     images = np.zeros((num_examples, 2, 2, 3), np.uint8)
     images[:, 0, 0, 0] = np.arange(num_examples) % 256
     images[:, 0, 0, 1] = np.arange(num_examples) // 256
-    return input_pipeline.Split(images=images, labels=np.arange(num_examples, dtype=np.int32))
+    return data.Split(images=images, labels=np.arange(num_examples, dtype=np.int32))
 
 
 def _indices(images):
@@ -332,10 +333,10 @@ def _indices(images):
 def test_process_shares_of_train_batches_are_disjoint_and_cover_each_epoch(process_count):
     split = _labelled_split(100)
     batch_size, steps = 24, 4  # 4 steps per epoch, 4 examples dropped
-    iterators = [input_pipeline.train_batches(split, batch_size, seed=3, start_step=0,
+    iterators = [data.train_batches(split, batch_size, seed=3, start_step=0,
                                               process_index=p, process_count=process_count)
                  for p in range(process_count)]
-    single = input_pipeline.train_batches(split, batch_size, seed=3)
+    single = data.train_batches(split, batch_size, seed=3)
     seen = []
     for _ in range(steps):
         shares = [next(iterator) for iterator in iterators]
@@ -355,7 +356,7 @@ def test_process_shares_of_eval_batches_count_every_image_once(process_count):
     batch_size = 12
     counts, seen = set(), []
     for process in range(process_count):
-        batches = list(input_pipeline.eval_batches(split, batch_size, process_index=process,
+        batches = list(data.eval_batches(split, batch_size, process_index=process,
                                                    process_count=process_count))
         counts.add(len(batches))
         for images, labels, mask in batches:
@@ -368,4 +369,4 @@ def test_process_shares_of_eval_batches_count_every_image_once(process_count):
 
 def test_batch_size_must_divide_among_processes():
     with pytest.raises(ValueError, match='multiple of the number of processes'):
-        next(input_pipeline.eval_batches(_labelled_split(10), 5, process_count=2))
+        next(data.eval_batches(_labelled_split(10), 5, process_count=2))

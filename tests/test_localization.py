@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import localization
+from alignmix_jax import cam_localization
 
 
 def box_map(size, box, value=1.0, base=None):
@@ -23,9 +23,9 @@ def test_box_iou_by_hand():
                        [10, 0, 20, 10],   # touching edges: no overlap
                        [3, 3, 3, 8],      # zero area
                        [0, 5, 10, 20]])   # 50 / (100 + 150 - 50)
-    np.testing.assert_allclose(localization.box_iou(boxes, others)[0],
+    np.testing.assert_allclose(cam_localization.box_iou(boxes, others)[0],
                                [25 / 175, 1.0, 0.16, 0.0, 0.0, 0.25])
-    assert localization.box_iou(others, boxes).shape == (6, 1)
+    assert cam_localization.box_iou(others, boxes).shape == (6, 1)
 
 
 def test_region_boxes_are_8_connected_and_exact():
@@ -33,21 +33,21 @@ def test_region_boxes_are_8_connected_and_exact():
     mask[1:4, 2:7] = True          # 3 x 5 rectangle: box (2, 1, 7, 4), 15 pixels
     mask[6, 6] = mask[7, 7] = True  # diagonal neighbours: one region (8-connectivity)
     mask[10:12, 0:1] = True        # a column touching the border
-    boxes, sizes = localization.region_boxes(mask)
+    boxes, sizes = cam_localization.region_boxes(mask)
     order = np.argsort(boxes[:, 1])
     np.testing.assert_array_equal(boxes[order], [[2, 1, 7, 4], [6, 6, 8, 8], [0, 10, 1, 12]])
     np.testing.assert_array_equal(sizes[order], [15, 2, 2])
-    empty_boxes, empty_sizes = localization.region_boxes(np.zeros((5, 5), bool))
+    empty_boxes, empty_sizes = cam_localization.region_boxes(np.zeros((5, 5), bool))
     assert empty_boxes.shape == (0, 4) and empty_sizes.shape == (0,)
 
 
 def test_largest_region_box_ignores_a_smaller_brighter_region():
     cam = box_map(64, (10, 20, 40, 50), 0.5)       # large object, 30 x 30
     cam = box_map(64, (50, 2, 54, 6), 1.0, cam)    # small, brighter spot
-    np.testing.assert_array_equal(localization.largest_region_box(cam), [10, 20, 40, 50])
+    np.testing.assert_array_equal(cam_localization.largest_region_box(cam), [10, 20, 40, 50])
     # Below the threshold everywhere: an empty box, IoU 0 with anything.
-    empty = localization.largest_region_box(np.full((8, 8), 0.1))
-    assert localization.box_iou(empty, [[0, 0, 8, 8]])[0, 0] == 0.0
+    empty = cam_localization.largest_region_box(np.full((8, 8), 0.1))
+    assert cam_localization.box_iou(empty, [[0, 0, 8, 8]])[0, 0] == 0.0
 
 
 def test_best_iou_per_threshold_on_nested_levels():
@@ -55,7 +55,7 @@ def test_best_iou_per_threshold_on_nested_levels():
     outer, inner = (8, 8, 24, 24), (12, 12, 20, 20)
     cam = box_map(32, inner, 1.0, box_map(32, outer, 0.5))
     thresholds = np.array([0.0, 0.3, 0.5, 0.51, 0.9])
-    best = localization.best_iou_per_threshold(cam, np.array([outer]), thresholds)
+    best = cam_localization.best_iou_per_threshold(cam, np.array([outer]), thresholds)
     # 0: the whole image (256 / 1024); up to 0.5: the outer box; above: the inner one (64/256).
     np.testing.assert_allclose(best, [0.25, 1.0, 1.0, 0.25, 0.25])
 
@@ -65,7 +65,7 @@ def test_cam_weights_feature_maps_by_the_class_of_each_image():
     features = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
     kernel = rng.normal(size=(6, 7)).astype(np.float32)
     classes = np.array([2, 0, 6])
-    maps = np.asarray(localization.class_activation_maps(
+    maps = np.asarray(cam_localization.class_activation_maps(
         jnp.asarray(features), jnp.asarray(kernel), jnp.asarray(classes)))
     for image, cls in enumerate(classes):
         np.testing.assert_allclose(maps[image], features[image] @ kernel[:, cls], rtol=1e-5,
@@ -79,24 +79,24 @@ def test_normalized_map_of_a_known_object_gives_its_box():
     features[0, 3:8, 4:10, 0] = 1.0
     features[0, :, :, 1] = 5.0  # a constant channel: shifts the map, normalisation removes it
     kernel = np.array([[2.0, -1.0], [0.3, 0.3], [9.0, 9.0]], np.float32)
-    maps = localization.class_activation_maps(jnp.asarray(features), jnp.asarray(kernel),
+    maps = cam_localization.class_activation_maps(jnp.asarray(features), jnp.asarray(kernel),
                                               jnp.array([0]))
-    cam = np.asarray(localization.normalize_maps(maps, (224, 224)))[0]
+    cam = np.asarray(cam_localization.normalize_maps(maps, (224, 224)))[0]
     assert cam.shape == (224, 224)
     assert cam.min() == pytest.approx(0.0, abs=1e-6) and cam.max() == pytest.approx(1.0)
     true_box = np.array([4 * 16, 3 * 16, 10 * 16, 8 * 16])
     # Interpolation between the centres of an off and an on cell crosses 0.5 at their common
     # edge (the cubic kernel is symmetric), so the box at 0.5 is the object's, to a pixel.
-    box_at_half = localization.largest_region_box(cam, 0.5)
+    box_at_half = cam_localization.largest_region_box(cam, 0.5)
     assert np.all(np.abs(box_at_half - true_box) <= 1), box_at_half
     # At 0.15 the box is wider by less than half a cell (8 pixels) on each side.
-    box = localization.largest_region_box(cam)
+    box = cam_localization.largest_region_box(cam)
     assert np.all(box[:2] <= true_box[:2]) and np.all(box[2:] >= true_box[2:])
     assert np.all(np.abs(box - true_box) < 8), box
 
 
 def test_constant_maps_normalize_to_zeros():
-    cam = localization.normalize_maps(jnp.full((2, 7, 7), 3.0), (28, 28))
+    cam = cam_localization.normalize_maps(jnp.full((2, 7, 7), 3.0), (28, 28))
     np.testing.assert_array_equal(np.asarray(cam), np.zeros((2, 28, 28)))
 
 
@@ -110,7 +110,7 @@ def test_scores_on_a_hand_built_set():
         box_map(size, (10, 10, 11, 20)),       # 0.1
     ]
     correct = [True, False, True, True]
-    scores = localization.LocalizationScores()
+    scores = cam_localization.LocalizationScores()
     for cam, is_correct in zip(cams, correct, strict=True):
         scores.add(cam, gt, is_correct)
     result = scores.result()
@@ -132,17 +132,17 @@ def test_maxboxacc_searches_thresholds_and_all_regions():
     object_box = np.array([30, 30, 38, 38])
     cam = box_map(48, (0, 0, 20, 20), 1.0)          # large distractor
     cam = box_map(48, object_box, 0.4, cam)          # the object, fainter
-    scores = localization.LocalizationScores()
+    scores = cam_localization.LocalizationScores()
     scores.add(cam, object_box, True)
     result = scores.result()
     assert result['top1_localization'] == 0.0
     assert result['max_box_acc_v2'] == 1.0
-    best = localization.best_iou_per_threshold(cam, object_box[None])
-    thresholds = localization.CAM_THRESHOLDS
+    best = cam_localization.best_iou_per_threshold(cam, object_box[None])
+    thresholds = cam_localization.CAM_THRESHOLDS
     np.testing.assert_array_equal(best[(thresholds > 0) & (thresholds <= 0.4)], 1.0)
     assert np.all(best[thresholds > 0.4] < 0.01)  # only the distractor is left
 
 
 def test_no_images_is_an_error():
     with pytest.raises(ValueError, match='no image'):
-        localization.LocalizationScores().result()
+        cam_localization.LocalizationScores().result()

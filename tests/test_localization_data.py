@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from alignmix_jax import cub_input, input_pipeline
+from alignmix_jax import data
+from alignmix_jax.data import cub
 from tests import cub_fixture
 
 IMAGE_SIZE, TRAIN_RESIZE = 32, 40
@@ -26,12 +27,12 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def dataset(archive):
-    return input_pipeline.load_dataset(dataset_config(archive[0]))
+    return data.load_dataset(dataset_config(archive[0]))
 
 
 def test_archive_splits_labels_and_classes(archive, dataset):
     _, records = archive
-    assert isinstance(dataset, cub_input.LocalizationDataset)
+    assert isinstance(dataset, cub.LocalizationDataset)
     test_ids = [i for i, record in records.items() if not record[1]]
     train_ids = [i for i, record in records.items() if record[1]]
     assert dataset.num_classes == 3
@@ -92,7 +93,7 @@ def test_train_batches_crop_flip_resume_and_process_shares(dataset):
 
 def test_crop_and_flip():
     images = np.arange(2 * 4 * 5 * 1, dtype=np.uint8).reshape(2, 4, 5, 1)
-    crops = cub_input.crop_and_flip(images, np.array([[1, 2], [0, 0]]), np.array([False, True]),
+    crops = cub.crop_and_flip(images, np.array([[1, 2], [0, 0]]), np.array([False, True]),
                                     3)
     np.testing.assert_array_equal(crops[0], images[0, 1:4, 2:5])
     np.testing.assert_array_equal(crops[1], images[1, 0:3, 2::-1])
@@ -108,16 +109,16 @@ def test_eval_batches_are_the_test_split_padded(dataset):
 
 
 def test_missing_archive_says_where_to_put_it(tmp_path):
-    with pytest.raises(input_pipeline.DatasetNotFoundError,
+    with pytest.raises(data.DatasetNotFoundError,
                        match='CUB_200_2011/images.txt exists'):
-        input_pipeline.load_dataset(dataset_config(tmp_path))
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match='data_dir'):
-        input_pipeline.load_dataset(dataset_config(None))
+        data.load_dataset(dataset_config(tmp_path))
+    with pytest.raises(data.DatasetNotFoundError, match='data_dir'):
+        data.load_dataset(dataset_config(None))
 
 
 def test_the_archive_folder_itself_is_accepted_and_subsets_work(archive):
     root, _ = archive
-    subset = input_pipeline.load_dataset(dataset_config(root / 'CUB_200_2011', train_subset=6))
+    subset = data.load_dataset(dataset_config(root / 'CUB_200_2011', train_subset=6))
     assert subset.num_train_examples == 6
     np.testing.assert_array_equal(np.bincount(subset.train.labels), [2, 2, 2])
 
@@ -154,7 +155,7 @@ def test_tfds_layout_gives_the_archive_images_and_boxes(archive, dataset, tmp_pa
 
     builder = FakeCaltechBirds2011(data_dir=str(tmp_path))
     builder.download_and_prepare()
-    from_tfds = cub_input.tfds_dataset(builder, image_size=IMAGE_SIZE, train_resize=TRAIN_RESIZE)
+    from_tfds = cub.tfds_dataset(builder, image_size=IMAGE_SIZE, train_resize=TRAIN_RESIZE)
     assert from_tfds.num_train_examples == dataset.num_train_examples
     assert len(from_tfds.test.labels) == len(dataset.test.labels)
     # tfds orders examples by a hash of their keys: match the test images by content.

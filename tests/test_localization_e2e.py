@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from alignmix_jax import input_pipeline
+from alignmix_jax import data
 from alignmix_jax.evaluation import localization as localization_eval
 from alignmix_jax.models import build_model
 from configs import default
@@ -95,9 +95,9 @@ def test_cams_average_to_the_logits(head_norm, embedding_dim):
                          [(12, 8, 1), (13, 4, 2), (10, 6, 3), (2, 4, 4)])
 def test_evaluation_order_follows_the_gathered_batches(num_examples, batch_size,
                                                        process_count):
-    split = input_pipeline.Split(images=np.zeros((num_examples, 1, 1, 3), np.uint8),
+    split = data.Split(images=np.zeros((num_examples, 1, 1, 3), np.uint8),
                                  labels=np.arange(num_examples, dtype=np.int32))
-    per_process = [list(input_pipeline.eval_batches(split, batch_size, process_index=p,
+    per_process = [list(data.eval_batches(split, batch_size, process_index=p,
                                                     process_count=process_count))
                    for p in range(process_count)]
     gathered = []

@@ -77,18 +77,18 @@ def test_bad_last_stride_is_an_error():
 def test_training_steps_run_without_batch_norm_statistics():
     """VGG-GAP has no BatchNorm: the train state holds empty statistics, and every mixup mode's
     sharded step trains it (the feature modes align its 2x2 maps on 32x32 inputs)."""
-    from alignmix_jax import input_pipeline, mixup, sharding, train
+    from alignmix_jax import data, mixup, sharding, train_step
     from tests.conftest import make_tiny_config
 
     config = make_tiny_config()
     config.model.update(name='vgg16_gap', head_norm=False, last_stride=1, width=0.0625)
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     model = build_model(config.model, dataset.num_classes)
     mesh = sharding.make_mesh()
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
     images, labels = dataset.train.images[:16], dataset.train.labels[:16]
     for mode in mixup.MODES:
-        state = train.create_train_state(config, model, dataset.image_shape, 4, mesh)
+        state = train_step.create_train_state(config, model, dataset.image_shape, 4, mesh)
         assert state.batch_stats == {}
         initial_params = jax.device_get(state.params)
         state, step_metrics = step_fn(state, images, labels, mode=mode)

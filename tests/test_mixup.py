@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignmix_jax import alignment, mixup
+from alignmix_jax import alignment, losses, mixup
 
 ALIGN = dict(align=True, epsilon=0.1, num_iters=100)
 
@@ -64,7 +64,7 @@ def test_soft_cross_entropy_is_the_lambda_weighted_hard_loss():
     targets = mixup.mixed_targets(jax.nn.one_hot(labels, 7), permutation, lam)
     hard = optax.softmax_cross_entropy_with_integer_labels
     expected = lam * hard(logits, labels) + (1 - lam) * hard(logits, labels[permutation])
-    np.testing.assert_allclose(mixup.soft_cross_entropy(logits, targets), expected, rtol=1e-5)
+    np.testing.assert_allclose(losses.soft_cross_entropy(logits, targets), expected, rtol=1e-5)
 
 
 def test_unaligned_feature_mixing_mixes_each_pair():
@@ -174,13 +174,13 @@ def test_nt_xent_equals_the_hand_computed_value():
     # Two examples, two views, temperature 1: every embedding's positive has cosine 1 and its
     # two negatives cosine 0, so each term is -log(e / (e + 2)) = log(1 + 2 / e).
     axes = jnp.eye(2)
-    assert float(mixup.nt_xent(axes, axes, 1.0)) == pytest.approx(0.5514447139, rel=1e-6)
+    assert float(losses.nt_xent(axes, axes, 1.0)) == pytest.approx(0.5514447139, rel=1e-6)
     # Temperature 0.5, second views [1, 1] / sqrt(2) and [0, 1] (c = cos 45 degrees = 0.7071):
     #   [1, 0]: positive c, negatives 0, 0:      -log(e^2c / (e^2c + 2))
     #   [0, 1] and its view [0, 1]: positive 1, negatives 0, c: -log(e^2 / (e^2 + 1 + e^2c))
     #   [1, 1] / sqrt(2): positive c, negatives c, c:   log 3
     # mean of the four: 0.6366709065.
     second = jnp.array([[1.0, 1.0], [0.0, 1.0]])
-    assert float(mixup.nt_xent(axes, second, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)
+    assert float(losses.nt_xent(axes, second, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)
     # Swapping the views or scaling an embedding changes nothing (cosine similarities).
-    assert float(mixup.nt_xent(second, 3 * axes, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)
+    assert float(losses.nt_xent(second, 3 * axes, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)

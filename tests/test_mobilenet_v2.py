@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import input_pipeline, mixup, sharding, train
+from alignmix_jax import data, mixup, sharding, train_step
 from alignmix_jax.models import ENCODERS, build_model
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2, divisible_channels
 from configs import default
@@ -275,13 +275,13 @@ def test_each_mixup_mode_trains_through_the_step_and_compiles_once():
     # MobileNetV2 is trained at lower rates than ResNets; at the demo's 0.1 on 16 images its
     # loss climbs within five steps.
     config.train.learning_rate = 0.02
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     model = build_model(config.model, dataset.num_classes)
     # Eight images and three updates keep the runs short: compiling the step once per mode
     # (~7 s each for this 52-convolution network) is most of this test's time.
     images, labels = dataset.train.images[:8], dataset.train.labels[:8]
     mesh = sharding.make_mesh()
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
     modes = mixup.MODES + mixup.BASELINE_MODES
     for mode in modes:
         first_metrics, later_metrics, _, _ = fit_one_batch(step_fn, config, model, images,

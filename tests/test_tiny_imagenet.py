@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignmix_jax import input_pipeline
+from alignmix_jax import data
 from alignmix_jax.models import build_model
 from alignmix_jax.prepare_tiny_imagenet import TinyImageNetError, prepare
 from configs import tiny_imagenet
@@ -136,7 +136,7 @@ def test_image_folder_loader_reads_the_output(official_archive, tmp_path):
     prepare(official_archive, output, report=lambda line: None)
     config = tiny_imagenet.get_config().dataset
     config.data_dir = str(output)
-    dataset = input_pipeline.load_dataset(config)
+    dataset = data.load_dataset(config)
 
     assert dataset.class_names == ('n01000001', 'n02000001', 'n03000001')
     assert dataset.num_classes == 3
@@ -270,8 +270,8 @@ def test_config_has_the_papers_schedule_and_the_public_codes_augmentation():
     assert (config.mixup.alpha, config.mixup.epsilon, config.mixup.sinkhorn_iters) == (
         2.0, 0.1, 100)
     # Without --config.dataset.data_dir the loader says what to pass.
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match='--config.dataset.data_dir'):
-        input_pipeline.load_dataset(config.dataset)
+    with pytest.raises(data.DatasetNotFoundError, match='--config.dataset.data_dir'):
+        data.load_dataset(config.dataset)
 
 
 def test_feature_tensor_is_8x8x512_on_64x64_inputs():

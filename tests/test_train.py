@@ -9,22 +9,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import checkpointing, input_pipeline, mixup, sharding, train
+from alignmix_jax import (
+    augmentation,
+    checkpointing,
+    data,
+    losses,
+    mixup,
+    sharding,
+    train,
+    train_step,
+)
+from alignmix_jax.evaluation import classification
+from alignmix_jax.evaluation import common as evaluation_common
 from alignmix_jax.models import build_model
 from tests.conftest import REPO_ROOT, fit_one_batch, make_tiny_config
 
 
 @pytest.fixture(scope='module')
 def demo_dataset():
-    return input_pipeline.load_dataset(make_tiny_config().dataset)
+    return data.load_dataset(make_tiny_config().dataset)
 
 
 def restore_params(workdir, config, dataset):
     model = build_model(config.model, dataset.num_classes, image_shape=dataset.image_shape,
                         normalization=(config.dataset.mean, config.dataset.std))
-    steps_per_epoch = input_pipeline.steps_per_epoch(len(dataset.train.labels),
+    steps_per_epoch = data.steps_per_epoch(len(dataset.train.labels),
                                                      config.train.batch_size)
-    abstract = train.create_train_state(config, model, dataset.train.images.shape[1:],
+    abstract = train_step.create_train_state(config, model, dataset.train.images.shape[1:],
                                         steps_per_epoch)
     manager = checkpointing.make_manager(workdir, read_only=True)
     state, progress, step = checkpointing.restore_latest(manager, abstract, required=True)
@@ -37,7 +48,7 @@ def test_each_mode_lowers_the_loss_on_a_fixed_batch_and_compiles_once(demo_datas
     images = demo_dataset.train.images[:16]
     labels = demo_dataset.train.labels[:16]
     mesh = sharding.make_mesh()
-    step_fn = train.make_train_step(model, config, mesh)  # the training loop's own step
+    step_fn = train_step.make_train_step(model, config, mesh)  # the training loop's own step
     for mode in mixup.MODES:
         first_metrics, later_metrics, _, _ = fit_one_batch(step_fn, config, model, images,
                                                            labels, mesh, mode, updates=8)
@@ -88,8 +99,8 @@ def test_contrastive_term_adds_its_weighted_nt_xent_to_the_step_loss(demo_datase
     losses, contrastive = {}, None
     for weight in (0.0, 0.5):
         config.train.contrastive_weight = weight
-        step_fn = train.make_train_step(model, config, mesh)
-        state = train.create_train_state(config, model, images.shape[1:], 4, mesh)
+        step_fn = train_step.make_train_step(model, config, mesh)
+        state = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)
         _, step_metrics = step_fn(state, images, labels, mode='feature')
         losses[weight] = float(step_metrics['loss'])
         if weight == 0:
@@ -106,7 +117,7 @@ def test_optimizer_is_torch_sgd_with_the_step_schedule():
     config = make_tiny_config().train
     config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 0.01
     config.lr_decay_epochs, config.lr_decay_factor = (2, 3), 0.1
-    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=5)
+    optimizer, schedule = train_step.make_optimizer(config, steps_per_epoch=5)
     assert [float(schedule(step)) for step in (0, 9, 10, 14, 15)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001])
     # torch.optim.SGD: g += wd * p; buf = momentum * buf + g; p -= lr * buf.
@@ -126,7 +137,7 @@ def test_classifier_can_have_its_own_learning_rate():
     config = make_tiny_config().train
     config.momentum, config.weight_decay = 0.0, 0.0
     config.learning_rate, config.classifier_learning_rate = 0.01, 0.1
-    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=5)
+    optimizer, schedule = train_step.make_optimizer(config, steps_per_epoch=5)
     params = {'encoder': {'kernel': jnp.ones(2)}, 'classifier': {'kernel': jnp.ones(3)}}
     gradients = jax.tree.map(jnp.ones_like, params)
     updates, _ = optimizer.update(gradients, optimizer.init(params), params)
@@ -139,7 +150,7 @@ def test_nesterov_momentum_is_torch_sgd_nesterov():
     config = make_tiny_config().train
     config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 0.0
     config.nesterov = True
-    optimizer, _ = train.make_optimizer(config, steps_per_epoch=5)
+    optimizer, _ = train_step.make_optimizer(config, steps_per_epoch=5)
     params = jnp.array([1.0])
     opt_state = optimizer.init(params)
     expected, buffer = 1.0, 0.0
@@ -155,15 +166,17 @@ def test_nesterov_momentum_is_torch_sgd_nesterov():
 def test_evaluation_counts_every_test_image_once(demo_dataset):
     config = make_tiny_config()
     model = build_model(config.model, demo_dataset.num_classes)
-    state = train.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
-    eval_fn = train.make_eval_step(model, config.dataset)
+    state = train_step.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
+    context = evaluation_common.EvalContext(config=config, model=model, dataset=demo_dataset,
+                                            mesh=sharding.make_mesh())
     test = demo_dataset.test
-    # 1000 = 3 * 300 + 100: the last batch is padded.
-    results = train.evaluate(eval_fn, state, demo_dataset, 300, sharding.make_mesh())
+    # 1000 = 3 * 300 + 100: the last batch is padded. The evaluator is the training loop's.
+    results = classification.Evaluator(context, batch_size=300).run(
+        {'params': state.params, 'batch_stats': state.batch_stats})
     assert results['num_examples'] == len(test.labels) == 1000
     # The same accuracy computed image by image on the host.
     logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         input_pipeline.normalize(test.images, config.dataset.mean,
+                         augmentation.normalize(test.images, config.dataset.mean,
                                                   config.dataset.std), train=False)
     expected = float(np.mean(np.argmax(np.asarray(logits), -1) == test.labels))
     assert results['accuracy'] == pytest.approx(expected, abs=1e-6)
@@ -220,7 +233,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     good_state, _, good_step = restore_params(workdir, config, demo_dataset)
 
     config.train.num_epochs = 2
-    monkeypatch.setattr(mixup, 'soft_cross_entropy',
+    monkeypatch.setattr(losses, 'soft_cross_entropy',
                         lambda logits, targets: jnp.full(logits.shape[:1], jnp.nan))
     with pytest.raises(FloatingPointError, match=r'loss became nan.*last good checkpoint is step'):
         train.train_and_evaluate(config, workdir)
@@ -287,8 +300,8 @@ def test_bfloat16_model_trains_with_a_float32_alignment(demo_dataset):
     config = make_tiny_config()
     config.model.dtype = 'bfloat16'
     model = build_model(config.model, demo_dataset.num_classes)
-    state = train.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
-    step_fn = train.make_train_step(model, config, sharding.make_mesh())
+    state = train_step.create_train_state(config, model, (32, 32, 3), steps_per_epoch=4)
+    step_fn = train_step.make_train_step(model, config, sharding.make_mesh())
     state, step_metrics = step_fn(state, demo_dataset.train.images[:16],
                                   demo_dataset.train.labels[:16], mode='feature')
     assert np.isfinite(float(step_metrics['loss']))
@@ -305,15 +318,15 @@ def test_pretrained_weights_replace_the_initialisation(tmp_path, demo_dataset):
     model = build_model(config.model, demo_dataset.num_classes)
     other_seed = make_tiny_config()
     other_seed.seed = 7
-    source = train.create_train_state(other_seed, model, demo_dataset.image_shape, 4)
+    source = train_step.create_train_state(other_seed, model, demo_dataset.image_shape, 4)
     weights_dir = str(tmp_path / 'weights')
     convert_torchvision.save_converted(
         {'params': jax.device_get(source.params),
          'batch_stats': jax.device_get(source.batch_stats)}, weights_dir, {'arch': 'test'})
 
-    fresh = train.create_train_state(config, model, demo_dataset.image_shape, 4)
+    fresh = train_step.create_train_state(config, model, demo_dataset.image_shape, 4)
     config.model.pretrained = weights_dir
-    loaded = train.create_train_state(config, model, demo_dataset.image_shape, 4)
+    loaded = train_step.create_train_state(config, model, demo_dataset.image_shape, 4)
     jax.tree.map(np.testing.assert_array_equal, loaded.params, source.params)
     jax.tree.map(np.testing.assert_array_equal, loaded.batch_stats, source.batch_stats)
     assert not np.array_equal(loaded.params['classifier']['kernel'],

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import input_pipeline, mixup, sharding, train
+from alignmix_jax import data, mixup, sharding, train_step
 from alignmix_jax.models import Classifier, build_model
 from alignmix_jax.models.classifier import ENCODER_OPTIONS
 from alignmix_jax.models.swin import SwinBlock
@@ -310,11 +310,11 @@ def test_each_mode_trains_the_transformer_and_compiles_once(name):
         config.model.last_stride = 1
     for option, value in TRAIN_OPTIONS[name].items():
         config.model[ENCODER_OPTIONS[name]][option] = value  # config.model.vit or .swin
-    dataset = input_pipeline.load_dataset(config.dataset)
+    dataset = data.load_dataset(config.dataset)
     model = build_model(config.model, dataset.num_classes)
     images, labels = dataset.train.images[:16], dataset.train.labels[:16]
     mesh = sharding.make_mesh()
-    step_fn = train.make_train_step(model, config, mesh)
+    step_fn = train_step.make_train_step(model, config, mesh)
     for mode in TRAIN_MODES[name]:
         first_metrics, later_metrics, initial, trained = fit_one_batch(
             step_fn, config, model, images, labels, mesh, mode, updates=6)

@@ -10,9 +10,9 @@ and an evaluator class that a training loop can call on its current variables:
     evaluator = evaluation.make_evaluator(kind, context, config.evals)
     results = evaluator.run({'params': ..., 'batch_stats': ...})  # {name: figure}
 
-The interface (`Evaluator`, `EvalContext`, loading, batching, the command) is described in
-`evaluation/common.py`. Importing this package loads no kind; `make_evaluator` imports the one
-it needs.
+The interface (`Evaluator`, `EvalContext`, loading, batching) is described in
+`evaluation/common.py`; the command is `evaluation/command.py`. Importing this package loads
+no kind; `make_evaluator` imports the one it needs.
 """
 
 import importlib

@@ -19,6 +19,6 @@ def _kind_from_argv() -> str:
 
 if __name__ == '__main__':
     _selected_kind = _kind_from_argv()
-    from alignmix_jax.evaluation import common
+    from alignmix_jax.evaluation import command
 
-    common.run_command(_selected_kind)
+    command.run_command(_selected_kind)

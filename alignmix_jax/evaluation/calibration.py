@@ -137,4 +137,6 @@ class Evaluator:
 
 
 if __name__ == '__main__':
-    common.run_command('calibration')
+    from alignmix_jax.evaluation import command
+
+    command.run_command('calibration')

@@ -1,4 +1,4 @@
-"""What all evaluations share: the evaluator interface, loading, batching and the command.
+"""What all evaluations share: the evaluator interface, loading, batching and writing results.
 
 An evaluator (one class `Evaluator` per module of this package, as big_vision's evaluators) is
 
@@ -16,7 +16,8 @@ only computes. Its values are JSON-serialisable (floats, ints, strings, lists of
 mode on pixels (`logits`, differentiable in the pixels, normalisation inside) and the test set
 as padded, masked batches. `load(config, workdir, step)` builds one from a config and a
 checkpoint; `map_batches` runs a jitted per-batch function over batches and gathers its
-per-example outputs without the padding; `run_command` is the whole `python -m` entry point.
+per-example outputs without the padding. The `python -m` entry point is
+`alignmix_jax.evaluation.command`.
 
 The evaluation layer reads checkpoints and models; it never imports the trainer or mixup.
 """
@@ -30,16 +31,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from alignmix_jax import checkpointing, input_pipeline, sharding
-from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax import augmentation, checkpointing, data, sharding
+from alignmix_jax.data import common as data_common
 from alignmix_jax.models import build_model_for_dataset
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # uint8 images, int32 labels, bool mask
-# A fixed subset of the test set (`num_examples` option) is the same for every run.
-_SUBSET_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,7 +46,7 @@ class EvalContext:
 
     config: ml_collections.ConfigDict  # the run's whole config
     model: object  # alignmix_jax.models.Classifier
-    dataset: object  # input_pipeline.Dataset, or imagenet_input.StreamingDataset
+    dataset: object  # data.Dataset, or imagenet.StreamingDataset
     mesh: jax.sharding.Mesh
 
     @property
@@ -67,12 +65,12 @@ class EvalContext:
     def normalize(self, images: jax.Array) -> jax.Array:
         """uint8 pixels, or float pixels in [0, 1], -> the network's normalised float32 input.
 
-        uint8 goes through `input_pipeline.normalize` (the training path, bit for bit); floats
+        uint8 goes through `augmentation.normalize` (the training path, bit for bit); floats
         are (x - mean) / std per channel, differentiable, for attacks in [0, 1] pixel space.
         """
         dataset_config = self.config.dataset
         if images.dtype == jnp.uint8:
-            return input_pipeline.normalize(images, dataset_config.mean, dataset_config.std)
+            return augmentation.normalize(images, dataset_config.mean, dataset_config.std)
         mean = jnp.asarray(dataset_config.mean, jnp.float32)
         std = jnp.asarray(dataset_config.std, jnp.float32)
         return (images.astype(jnp.float32) - mean) / std
@@ -95,28 +93,28 @@ class EvalContext:
             return self.dataset.eval_batches(batch_size, process_index=jax.process_index(),
                                              process_count=jax.process_count())
         test = getattr(self.dataset, 'test', None)
-        if not isinstance(test, input_pipeline.Split):
+        if not isinstance(test, data.Split):
             raise ValueError('num_examples (a subset of the test set) needs a dataset held in '
                              'memory; use 0 (the whole test set) for streamed datasets')
         return self.split_batches(subset(test, num_examples), batch_size)
 
-    def split_batches(self, split: input_pipeline.Split, batch_size: int | None = None
+    def split_batches(self, split: data.Split, batch_size: int | None = None
                       ) -> Iterator[Batch]:
         """Padded, masked batches of any in-memory split (e.g. an OOD set), as `test_batches`."""
         batch_size = batch_size or self.batch_size
         sharding.check_batch_size(batch_size, self.mesh, 'the evaluation batch size')
-        return input_pipeline.eval_batches(split, batch_size, process_index=jax.process_index(),
+        return data.eval_batches(split, batch_size, process_index=jax.process_index(),
                                            process_count=jax.process_count())
 
 
-def subset(split: input_pipeline.Split, num_examples: int) -> input_pipeline.Split:
+def subset(split: data.Split, num_examples: int) -> data.Split:
     """A fixed random subset of `num_examples` examples of `split`, in their original order."""
     if not 0 < num_examples <= len(split.labels):
         raise ValueError(f'num_examples must be in [0, {len(split.labels)}] (the size of the '
                          f'test set), got {num_examples}')
-    chosen = np.sort(np.random.default_rng(_SUBSET_SEED).permutation(len(split.labels))
-                     [:num_examples])
-    return input_pipeline.Split(images=split.images[chosen], labels=split.labels[chosen])
+    order = np.random.default_rng(data_common.SUBSET_SEED).permutation(len(split.labels))
+    chosen = np.sort(order[:num_examples])
+    return data.Split(images=split.images[chosen], labels=split.labels[chosen])
 
 
 def map_batches(compiled_fn: Callable, variables: dict, batches: Iterator[Batch],
@@ -160,9 +158,9 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
 
     Reads the dataset of `config.dataset` (unless given), builds `config.model` and restores its
     params and batch_stats replicated on every device. Raises CheckpointError (no checkpoint:
-    train first) or input_pipeline.DatasetError with one line saying what to do.
+    train first) or data.DatasetError with one line saying what to do.
     """
-    dataset = input_pipeline.load_dataset(config.dataset) if dataset is None else dataset
+    dataset = data.load_dataset(config.dataset) if dataset is None else dataset
     model = build_model_for_dataset(config, dataset)
     mesh = sharding.make_mesh()
     variables, step = checkpointing.restore_variables(
@@ -200,56 +198,3 @@ def write_results(workdir: str, kind: str, step: int, results: dict,
     with open(path, 'w') as json_file:
         json.dump(record, json_file, indent=2, default=_to_json)
     return path
-
-
-# --- the command: python -m alignmix_jax.evaluation.<kind> --config=... --workdir=DIR ---
-
-def define_flags() -> None:
-    """The command's flags; called by the entry point only, so importing defines none."""
-    from ml_collections import config_flags
-
-    flags.DEFINE_string('workdir', None, 'The training workdir: checkpoints are read from '
-                        'WORKDIR/checkpoints, results written to WORKDIR/eval.')
-    flags.mark_flags_as_required(['workdir'])
-    config_flags.DEFINE_config_file('config', None, 'The training config of the run '
-                                    '(with the same overrides).', lock_config=True)
-    flags.mark_flags_as_required(['config'])
-    flags.DEFINE_integer('step', None, 'The checkpoint step to evaluate (default: the latest).')
-
-
-def evaluate_workdir(kind: str, config: ml_collections.ConfigDict, workdir: str,
-                     step: int | None = None) -> tuple[dict, str]:
-    """The command's work as a function: (the JSON record written, the printed table)."""
-    from alignmix_jax import evaluation
-
-    evaluator_class = evaluation.evaluator_class(kind)
-    context, variables, step = load(config, workdir, step)
-    options = config.evals[kind].to_dict() if kind in config.evals else {}
-    evaluator = evaluator_class(context, **options)
-    results = evaluator.run(variables)
-    table = f'{kind} of {workdir} at step {step}\n{evaluator.table(results)}'
-    record = {'kind': kind, 'step': step, 'options': options, 'results': results}
-    if jax.process_index() == 0:
-        path = write_results(workdir, kind, step, results, options)
-        written = [path, *evaluator.write_files(results, os.path.dirname(path))]
-        table += '\nwrote ' + ', '.join(written)
-    return record, table
-
-
-def run_command(kind: str) -> None:
-    """The `python -m alignmix_jax.evaluation.<kind>` entry point (defines flags, runs)."""
-    define_flags()
-
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-        logging.get_absl_handler().addFilter(hide_library_info)
-        try:
-            _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
-                                        flags.FLAGS.step)
-        except (checkpointing.CheckpointError, input_pipeline.DatasetError,
-                ValueError) as error:
-            raise SystemExit(f'error: {error}') from None
-        print(table)
-
-    app.run(main, flags_parser=parse_flags)

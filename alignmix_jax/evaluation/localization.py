@@ -8,7 +8,7 @@ feature maps A and the classifier's weights, resized to the image (224x224) and 
 normalised; the box of its largest region above `cam_threshold` (0.15) gives top-1
 localisation (class predicted right and IoU >= 0.5) and GT-known localisation (IoU >= 0.5);
 boxes around all regions at every threshold 0, 0.01, ..., 0.99 give MaxBoxAcc-v2 (Choe et al.,
-2020). Definitions and the differences from Choe et al.'s code: alignmix_jax/localization.py.
+2020). Definitions and the differences from Choe et al.'s code: alignmix_jax/cam_localization.py.
 
 The model's head must be global average pooling followed by linear layers (the WSOL backbones
 use `model.head_norm=False`); with the head's BatchNorm + ReLU (`head_norm=True`) the maps are
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignmix_jax import localization
+from alignmix_jax import cam_localization
+from alignmix_jax.data import common as data_common
 from alignmix_jax.evaluation import common
 
 # CAMs are resized and normalised on the device this many at a time (one compiled shape).
@@ -35,11 +36,11 @@ def evaluation_order(num_examples: int, batch_size: int, process_count: int) -> 
     """Test-set indices in the order `common.map_batches` returns examples.
 
     With P processes, each global batch holds, process after process, the next `batch_size /
-    P` images of each process's contiguous share (input_pipeline.eval_batches); with one
+    P` images of each process's contiguous share (data.common.eval_batches); with one
     process it is the test set's own order.
     """
     local_size = batch_size // process_count
-    bounds = np.linspace(0, num_examples, process_count + 1).round().astype(int)
+    bounds = data_common.share_bounds(num_examples, process_count)
     largest_share = int(np.max(np.diff(bounds)))
     order = []
     for offset in range(0, max(largest_share, 1), local_size):
@@ -70,7 +71,8 @@ def _cams(context, variables, batch_index, images, labels):
     del batch_index
     features, logits = context.model.apply(variables, context.normalize(images),
                                            method=_maps_and_logits)
-    maps = localization.class_activation_maps(features, cam_weights(variables['params']), labels)
+    maps = cam_localization.class_activation_maps(features, cam_weights(variables['params']),
+                                                  labels)
     return {'cams': maps, 'predictions': jnp.argmax(logits, axis=-1)}
 
 
@@ -80,7 +82,7 @@ class Evaluator:
     name = 'localization'
 
     def __init__(self, context: common.EvalContext, *, batch_size: int = 0,
-                 cam_threshold: float = localization.TOP1_CAM_THRESHOLD):
+                 cam_threshold: float = cam_localization.TOP1_CAM_THRESHOLD):
         test_boxes = getattr(context.dataset, 'test_boxes', None)
         if test_boxes is None:
             raise ValueError('localization needs test boxes: use a CUB dataset '
@@ -96,7 +98,7 @@ class Evaluator:
         self.test_boxes = np.asarray(test_boxes, np.float64)
         self._cams_fn = jax.jit(functools.partial(_cams, context))
         image_size = tuple(context.image_shape[:2])
-        self._normalize_fn = jax.jit(functools.partial(localization.normalize_maps,
+        self._normalize_fn = jax.jit(functools.partial(cam_localization.normalize_maps,
                                                        image_size=image_size))
 
     def run(self, variables: dict) -> dict:
@@ -107,7 +109,7 @@ class Evaluator:
         boxes = self.test_boxes[order]
         cams, labels = outputs['cams'], outputs['labels']
         correct = outputs['predictions'] == labels
-        scores = localization.LocalizationScores(top1_threshold=self.cam_threshold)
+        scores = cam_localization.LocalizationScores(top1_threshold=self.cam_threshold)
         for start in range(0, len(cams), _NORMALIZE_CHUNK):
             chunk = cams[start:start + _NORMALIZE_CHUNK]
             padded = np.zeros((_NORMALIZE_CHUNK, *chunk.shape[1:]), chunk.dtype)
@@ -124,7 +126,7 @@ class Evaluator:
         rows = [('top-1 localization (%)', 100 * results['top1_localization']),
                 ('GT-known localization (%)', 100 * results['gt_known_localization']),
                 ('MaxBoxAcc-v2 (%)', 100 * results['max_box_acc_v2'])]
-        for level in localization.MAXBOXACC_IOU_LEVELS:
+        for level in cam_localization.MAXBOXACC_IOU_LEVELS:
             rows.append((f'  MaxBoxAcc at IoU {level:g} (%), best threshold '
                          f'{results[f"best_threshold_iou{level:g}"]:.2f}',
                          100 * results[f'max_box_acc_iou{level:g}']))
@@ -139,4 +141,6 @@ class Evaluator:
 
 
 if __name__ == '__main__':
-    common.run_command('localization')
+    from alignmix_jax.evaluation import command
+
+    command.run_command('localization')

@@ -36,10 +36,10 @@ import jax
 import numpy as np
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import input_pipeline
+from alignmix_jax import data
+from alignmix_jax.data import common as data_common
 from alignmix_jax.evaluation import common
 
-_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _NOISE_STREAMS = {'uniform': 0, 'gaussian': 1}
 
 
@@ -110,26 +110,25 @@ def folder_images(path: str, image_shape, mode: str) -> np.ndarray:
     """Every image file below `path` (sorted by path), fitted to `image_shape`."""
     root = pathlib.Path(path).expanduser()
     files = sorted(str(file) for file in root.rglob('*')
-                   if file.is_file() and file.suffix.lower() in _IMAGE_SUFFIXES)
+                   if file.is_file() and file.suffix.lower() in data_common.IMAGE_SUFFIXES)
     if not files:
-        raise input_pipeline.DatasetNotFoundError(
-            f'OOD image folder {root} holds no images ({", ".join(_IMAGE_SUFFIXES)})')
-    tf = input_pipeline._import_tensorflow()
+        raise data.DatasetNotFoundError(
+            f'OOD image folder {root} holds no images ({", ".join(data_common.IMAGE_SUFFIXES)})')
+    tf = data_common.import_tensorflow()
     decoded = tf.data.Dataset.from_tensor_slices(files).map(
-        lambda file: tf.io.decode_image(tf.io.read_file(file), channels=3,
-                                        expand_animations=False))
+        lambda file: data_common.decode_image(tf, tf.io.read_file(file)))
     return _fitted_images(tf, decoded, image_shape, mode)
 
 
 def tfds_images(spec: str, data_dir: str | None, image_shape, mode: str) -> np.ndarray:
     """The images of a prepared tfds dataset, 'NAME' or 'NAME:SPLIT', fitted to the size."""
     name, _, split = spec.partition(':')
-    tf = input_pipeline._import_tensorflow()
+    tf = data_common.import_tensorflow()
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
-        raise input_pipeline.DatasetNotFoundError(
+        raise data.DatasetNotFoundError(
             f'OOD dataset {name} is not prepared in {builder.data_dir}: run `tfds build {name} '
             f'--data_dir=DIR` and pass --config.evals.ood.data_dir=DIR')
     examples = builder.as_dataset(split=split or 'test', shuffle_files=False)
@@ -160,7 +159,7 @@ class Evaluator:
         self.ood_sets = {name: self._load(name, num_noise_images, seed, resize, data_dir)
                          for name in datasets}
 
-    def _load(self, name, num_noise_images, seed, resize, data_dir) -> input_pipeline.Split:
+    def _load(self, name, num_noise_images, seed, resize, data_dir) -> data.Split:
         image_shape = self.context.image_shape
         if name in _NOISE_STREAMS:
             if not num_noise_images:
@@ -184,7 +183,7 @@ class Evaluator:
                              "'held_out', 'image_folder:PATH' or 'tfds:NAME[:SPLIT]'")
         if not len(images):
             raise ValueError(f'the OOD set {name!r} holds no images')
-        return input_pipeline.Split(images=images, labels=np.zeros(len(images), np.int32))
+        return data.Split(images=images, labels=np.zeros(len(images), np.int32))
 
     def _scores(self, variables, batches) -> np.ndarray:
         return common.map_batches(self._score_fn, variables, batches,
@@ -215,4 +214,6 @@ class Evaluator:
 
 
 if __name__ == '__main__':
-    common.run_command('ood')
+    from alignmix_jax.evaluation import command
+
+    command.run_command('ood')

@@ -119,4 +119,6 @@ class Evaluator:
 
 
 if __name__ == '__main__':
-    common.run_command('robustness')
+    from alignmix_jax.evaluation import command
+
+    command.run_command('robustness')

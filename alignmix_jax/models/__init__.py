@@ -17,8 +17,9 @@ from alignmix_jax.models.classifier import (
     encoder_stages,
     has_own_head,
 )
+from alignmix_jax.models.layers import scaled_channels
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
-from alignmix_jax.models.preact_resnet import PreActResNet18, scaled_channels
+from alignmix_jax.models.preact_resnet import PreActResNet18
 from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP

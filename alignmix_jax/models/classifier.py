@@ -38,13 +38,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from alignmix_jax.models.decoder import ResidualDecoder
+from alignmix_jax.models.layers import BN_EPSILON, BN_MOMENTUM, conv_kernel_init
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
-from alignmix_jax.models.preact_resnet import (
-    BN_EPSILON,
-    BN_MOMENTUM,
-    PreActResNet18,
-    conv_kernel_init,
-)
+from alignmix_jax.models.preact_resnet import PreActResNet18
 from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP

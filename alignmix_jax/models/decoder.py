@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.models.preact_resnet import batch_norm, conv3x3, conv_kernel_init
+from alignmix_jax.models.layers import batch_norm, conv3x3, conv_kernel_init
 
 
 def decoder_layout(image_size: int) -> tuple[int, int]:

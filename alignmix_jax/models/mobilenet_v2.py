@@ -42,12 +42,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.models.preact_resnet import (
-    batch_norm,
-    conv_kernel_init,
-    pool_features,
-    stage_range,
-)
+from alignmix_jax.models.layers import batch_norm, conv_kernel_init, pool_features, stage_range
 
 # The paper's Table 2: (expansion t, output channels c, blocks n, stride s of the first block).
 INVERTED_RESIDUAL_SETTING = (

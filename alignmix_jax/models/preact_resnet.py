@@ -6,12 +6,8 @@ four stages of two pre-activation basic blocks. It returns the feature tensor A 
 last block as it is, before any normalisation: the head (f) owns the final BatchNorm + ReLU so
 that mixing and alignment act on the raw residual stream.
 
-The building blocks here (BatchNorm settings, convolutions, the pre-activation block, feature
-pooling) are shared with `wide_resnet.py`.
-
-Initialisation: convolution kernels are drawn from He et al. (2015)'s normal distribution
-scaled by fan_out (std = sqrt(2 / (k * k * out_channels))), as torchvision initialises its
-ResNets; BatchNorm starts at scale 1, bias 0.
+The pre-activation block is shared with `wide_resnet.py`; the layers (BatchNorm settings,
+convolutions, feature pooling, initialisation) are `layers.py`'s.
 """
 
 from typing import Any
@@ -19,61 +15,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-# PyTorch's BatchNorm2d defaults (its momentum 0.1 weighs the new batch; Flax's weighs the old
-# running value), so runs and converted checkpoints behave like the PyTorch reference code.
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
-
-# kaiming_normal_(mode='fan_out', nonlinearity='relu'): untruncated normal, variance 2 / fan_out.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def scaled_channels(channels: int, width: float) -> int:
-    """Channels of a layer under the width multiplier, rounded, never fewer than one."""
-    return max(1, int(round(channels * width)))
-
-
-def batch_norm(train: bool, dtype: Any, name: str, axis_name: str | None = None,
-               scale_init=nn.initializers.ones) -> nn.BatchNorm:
-    """PyTorch's BatchNorm; with `axis_name`, statistics over all devices of that mesh axis."""
-    # Two-pass variance (as PyTorch computes it): E[x^2] - E[x]^2 loses precision when
-    # activations are large, which they become in unnormalised residual streams late in training.
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                        use_fast_variance=False, scale_init=scale_init, dtype=dtype,
-                        axis_name=axis_name, name=name)
-
-
-def conv3x3(channels: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-    # Symmetric padding of one pixel, as PyTorch's padding=1: 'SAME' would pad a stride-2
-    # convolution only on the bottom/right and sample different pixels than the reference.
-    return nn.Conv(channels, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                   use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, name=name)
-
-
-def pool_features(features: jnp.ndarray, window: int) -> jnp.ndarray:
-    """Average A over non-overlapping window x window cells (the alignment resolution)."""
-    if window == 1:
-        return features
-    height, width = features.shape[1:3]
-    if height % window or width % window:
-        raise ValueError(f'feature_pool={window} does not divide the {height}x{width} feature '
-                         f'tensor')
-    return nn.avg_pool(features, (window, window), strides=(window, window))
-
-
-def stage_range(start: int, stop: int | None, num_stages: int) -> tuple[int, int]:
-    """Checks a split of F into the stages start+1..stop; stop None means the last stage.
-
-    Representation k of an encoder is its input for k = 0 and the output of its stage k
-    otherwise (the stem belongs to stage 1); A is representation `num_stages` (pooled by
-    `feature_pool`). Running start..k and then k..stop gives start..stop: manifold mixup
-    (Verma et al., 2019) mixes representation k in between.
-    """
-    stop = num_stages if stop is None else stop
-    if not 0 <= start <= stop <= num_stages:
-        raise ValueError(f'encoder stages must satisfy 0 <= start <= stop <= {num_stages}; '
-                         f'got start={start}, stop={stop}')
-    return start, stop
+from alignmix_jax.models.layers import (
+    batch_norm,
+    conv3x3,
+    conv_kernel_init,
+    pool_features,
+    scaled_channels,
+    stage_range,
+)
 
 
 class PreActBlock(nn.Module):

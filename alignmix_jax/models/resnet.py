@@ -27,7 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.models.preact_resnet import (
+from alignmix_jax.models.layers import (
     batch_norm,
     conv3x3,
     conv_kernel_init,

@@ -54,14 +54,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from alignmix_jax.models.preact_resnet import pool_features, scaled_channels, stage_range
-from alignmix_jax.models.vit import (
+from alignmix_jax.models.layers import (
     Mlp,
     attention_layer,
     embed_patches,
     float32_layer_norm,
     normalize,
     patch_embedding,
+    pool_features,
+    scaled_channels,
+    stage_range,
     transformer_init,
 )
 

@@ -56,11 +56,17 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.models.preact_resnet import scaled_channels, stage_range
-
-# timm's trunc_normal_(std=.02) truncates at +-2 in absolute value, 100 standard deviations
-# out: in effect the plain normal distribution of standard deviation 0.02 drawn here.
-transformer_init = nn.initializers.normal(stddev=0.02)
+from alignmix_jax.models.layers import (
+    Mlp,
+    attention_layer,
+    embed_patches,
+    float32_layer_norm,
+    normalize,
+    patch_embedding,
+    scaled_channels,
+    stage_range,
+    transformer_init,
+)
 
 VIT_LAYER_NORM_EPSILON = 1e-6
 
@@ -72,55 +78,6 @@ class PatchTokens(typing.NamedTuple):
 
     grid: jnp.ndarray
     class_token: jnp.ndarray | None
-
-
-def normalize(norm: nn.LayerNorm, x: jnp.ndarray) -> jnp.ndarray:
-    """A float32 LayerNorm applied to `x`, returned in the dtype of `x`."""
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
-
-
-def float32_layer_norm(epsilon: float, name: str | None = None) -> nn.LayerNorm:
-    # float32 statistics and normalisation whatever the computation dtype (apply: `normalize`).
-    return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, name=name)
-
-
-def attention_layer(num_heads: int, dtype: Any, name: str, **kwargs):
-    """flax's multi-head self-attention with timm's initialisation and a float32 softmax."""
-    return nn.MultiHeadDotProductAttention(
-        num_heads=num_heads, dtype=dtype, kernel_init=transformer_init,
-        bias_init=nn.initializers.zeros, force_fp32_for_softmax=True, name=name, **kwargs)
-
-
-def patch_embedding(dim: int, patch_size: int, dtype: Any) -> nn.Conv:
-    """The ViT's and Swin's patch embedding: a convolution with kernel = stride = patch_size,
-    no padding, timm's initialisation (apply it with `embed_patches`)."""
-    return nn.Conv(dim, (patch_size, patch_size), strides=(patch_size, patch_size),
-                   padding='VALID', kernel_init=transformer_init,
-                   bias_init=nn.initializers.zeros, dtype=dtype)
-
-
-def embed_patches(embedding: nn.Conv, images: jnp.ndarray, option: str) -> jnp.ndarray:
-    """`embedding` (a `patch_embedding`) applied to images (b, h, w, c) -> (b, h/p, w/p, d);
-    a one-line error naming the config field `option` if p does not divide h and w."""
-    patch_size = embedding.kernel_size[0]
-    height, width = images.shape[1:3]
-    if height % patch_size or width % patch_size:
-        raise ValueError(f'{option}={patch_size} does not divide the {height}x{width} images')
-    return embedding(images)
-
-
-class Mlp(nn.Module):
-    """Dense to `hidden_dim`, exact GELU (PyTorch's nn.GELU; flax's default is tanh), Dense."""
-
-    hidden_dim: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        dense = dict(kernel_init=transformer_init, bias_init=nn.initializers.zeros,
-                     dtype=self.dtype)
-        hidden = nn.gelu(nn.Dense(self.hidden_dim, name='dense1', **dense)(x), approximate=False)
-        return nn.Dense(x.shape[-1], name='dense2', **dense)(hidden)
 
 
 class EncoderBlock(nn.Module):

@@ -17,13 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.models.preact_resnet import (
-    PreActBlock,
-    conv3x3,
-    pool_features,
-    scaled_channels,
-    stage_range,
-)
+from alignmix_jax.models.layers import conv3x3, pool_features, scaled_channels, stage_range
+from alignmix_jax.models.preact_resnet import PreActBlock
 
 
 class WideResNet(nn.Module):

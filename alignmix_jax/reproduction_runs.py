@@ -29,7 +29,7 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
     `make_config(method)` gives the run's config (its seed is set here). Runs of methods whose
     dataset configs are equal share one loaded dataset.
     """
-    from alignmix_jax import input_pipeline, train
+    from alignmix_jax import data, train
 
     datasets = {}  # the dataset config, as a string -> the loaded dataset
     runs = []
@@ -47,7 +47,7 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
                 config.seed = seed
                 dataset_key = config.dataset.to_json()
                 if dataset_key not in datasets:
-                    datasets[dataset_key] = input_pipeline.load_dataset(config.dataset)
+                    datasets[dataset_key] = data.load_dataset(config.dataset)
                 logging.info('%s seed %d: training in %s.', method, seed, directory)
                 run_start = time.time()
                 result = train.train_and_evaluate(config, directory,

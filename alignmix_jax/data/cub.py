@@ -2,7 +2,7 @@
 
 `load_cub(config.dataset)` returns a `LocalizationDataset`, held in memory, with the interface
 the training loop reads (`num_classes`, `class_names`, `num_train_examples`, `image_shape`,
-`train_batches`, `eval_batches`, as `input_pipeline.Dataset`) and, for the localisation
+`train_batches`, `eval_batches`, as `data.common.Dataset`) and, for the localisation
 evaluation, `test_boxes`: the ground-truth box of every test image, in the order of
 `eval_batches`, in pixel-edge coordinates (x0, y0, x1, y1) of the resized test image.
 Boxes are never used in training.
@@ -24,10 +24,11 @@ torchvision's Resize((256, 256))), a random `image_size` (224) crop is taken and
 horizontally with probability 1/2; test images are resized straight to `image_size` x
 `image_size`, and their boxes scaled by the same factors. Resizing is bilinear with
 antialiasing (PIL's, which torchvision uses), done once at load time; crops and flips are cut
-on the host per batch, so the train step's device-side augmentation must be off
-(`dataset.crop_padding=0`, `dataset.random_flip=False`, as configs/cub_*.py set them).
+on the host per batch (`device_augmentation` is False), so a config asking the train step to
+augment too is refused (`dataset.crop_padding=0`, `dataset.random_flip=False`, as
+configs/cub_*.py set them).
 
-Order and resuming: step s's batch is the one `input_pipeline.train_batches` gives (a
+Order and resuming: step s's batch is the one `data.common.train_batches` gives (a
 permutation per epoch from (seed, epoch)); the crop offsets and flips of the global batch of
 step s are drawn from (seed, s), and each process takes its slice, so a resumed run and any
 number of processes see the same augmented global batches.
@@ -41,18 +42,21 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from alignmix_jax import input_pipeline
-from alignmix_jax.input_pipeline import (
+from alignmix_jax.data.common import (
     DatasetError,
     DatasetNotFoundError,
     Split,
-    _import_tensorflow,
-    _local_batch_size,
-    _short_reason,
+    class_balanced_subset,
+    decode_image,
+    eval_batches,
+    import_tensorflow,
+    local_batch_size,
+    short_reason,
+    train_batches,
 )
 
-# config.dataset.name of the datasets handled here: input_pipeline.CUB_DATASETS.
-CUB_DATASETS = input_pipeline.CUB_DATASETS
+# config.dataset.name of the datasets handled here.
+CUB_DATASETS = ('cub', 'caltech_birds2011')
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_TRAIN_RESIZE = 256
 ARCHIVE_FOLDER = 'CUB_200_2011'
@@ -79,6 +83,8 @@ class LocalizationDataset:
     test_boxes: np.ndarray  # float32 (m, 4): (x0, y0, x1, y1) in the test images' pixels
     class_names: tuple[str, ...]
     image_size: int
+    # Cropped and flipped on the host per batch; the train step must not augment again.
+    device_augmentation = False
 
     def __post_init__(self):
         train_resize = self.train.images.shape[1]
@@ -110,8 +116,8 @@ class LocalizationDataset:
                       process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Endless (uint8 images (B / P, s, s, 3), int32 labels): random crops and flips of
         the resized training images; see the module docstring for the order."""
-        local_size = _local_batch_size(batch_size, process_count)
-        batches = input_pipeline.train_batches(
+        local_size = local_batch_size(batch_size, process_count)
+        batches = train_batches(
             self.train, batch_size, seed=seed, start_step=start_step,
             process_index=process_index, process_count=process_count)
         margin = self.train.images.shape[1] - self.image_size
@@ -124,8 +130,8 @@ class LocalizationDataset:
 
     def eval_batches(self, batch_size: int, *, process_index: int = 0,
                      process_count: int = 1):
-        """(images, labels, mask) of the resized test images, padded; as input_pipeline's."""
-        return input_pipeline.eval_batches(self.test, batch_size, process_index=process_index,
+        """(images, labels, mask) of the resized test images, padded; as data.common's."""
+        return eval_batches(self.test, batch_size, process_index=process_index,
                                            process_count=process_count)
 
 
@@ -155,7 +161,7 @@ def load_cub(dataset_config: ml_collections.ConfigDict) -> LocalizationDataset:
     else:
         raise ValueError(f'unknown CUB dataset {name!r}; expected one of {CUB_DATASETS}')
     if dataset_config.get('train_subset', 0):
-        train = input_pipeline._class_balanced_subset(dataset.train, dataset_config.train_subset)
+        train = class_balanced_subset(dataset.train, dataset_config.train_subset)
         dataset = dataclasses.replace(dataset, train=train)
     return dataset
 
@@ -168,11 +174,7 @@ def _resize_images(tf, sources, size: int, *, from_files: bool, names) -> tuple[
     @tf.autograph.experimental.do_not_convert
     def decode_and_resize(source):
         data = tf.io.read_file(source) if from_files else source
-        image = tf.cond(
-            tf.io.is_jpeg(data),
-            # The accurate DCT gives PIL's pixels (TF's default fast one differs slightly).
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+        image = decode_image(tf, data)
         resized = tf.image.resize(image, [size, size], method='bilinear', antialias=True)
         resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
         return tf.ensure_shape(resized, (size, size, 3)), tf.shape(image)[:2]
@@ -186,7 +188,7 @@ def _resize_images(tf, sources, size: int, *, from_files: bool, names) -> tuple[
             images.append(image_batch)
             shapes.append(shape_batch)
     except tf.errors.OpError as error:
-        raise DatasetError(f'an image of {names} could not be read ({_short_reason(error)})'
+        raise DatasetError(f'an image of {names} could not be read ({short_reason(error)})'
                            ) from error
     return np.concatenate(images), np.concatenate(shapes)
 
@@ -247,7 +249,7 @@ def _load_archive(data_dir, image_size: int, train_resize: int) -> LocalizationD
     # bounding_boxes.txt: x, y, width, height in original pixels -> pixel edges (x0, y0, x1, y1).
     xywh = np.array([[float(value) for value in boxes[image_id][:4]] for image_id in ids])
     edge_boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     splits = {}
     for split, mask, size in (('train', train_mask, train_resize),
                               ('test', ~train_mask, image_size)):
@@ -286,7 +288,7 @@ def _scale_boxes(edge_boxes: np.ndarray, original_shapes: np.ndarray,
 
 
 def _load_tfds(data_dir, image_size: int, train_resize: int) -> LocalizationDataset:
-    _import_tensorflow()  # configured before tfds starts TensorFlow
+    import_tensorflow()  # configured before tfds starts TensorFlow
     import tensorflow_datasets as tfds
 
     builder = tfds.builder('caltech_birds2011', data_dir=data_dir)
@@ -300,7 +302,7 @@ def tfds_dataset(builder, *, image_size: int = DEFAULT_IMAGE_SIZE,
                  train_resize: int = DEFAULT_TRAIN_RESIZE) -> LocalizationDataset:
     """A LocalizationDataset of a prepared tfds builder with caltech_birds2011's layout:
     'train' and 'test' splits of encoded 'image's, ClassLabel 'label's and BBox 'bbox'es."""
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     import tensorflow_datasets as tfds
 
     splits, test_boxes = {}, None

@@ -2,11 +2,11 @@
 memory, and random-resized crops of full-resolution JPEGs cannot be cut on the device).
 
 `load_imagenet(config.dataset)` returns a `StreamingDataset` with the interface of the in-memory
-`input_pipeline.Dataset` (`num_classes`, `class_names`, `num_train_examples`, `image_shape`,
+`data.common.Dataset` (`num_classes`, `class_names`, `num_train_examples`, `image_shape`,
 `train_batches`, `eval_batches`), so the training loop reads either the same way. Batches are
-uint8 images and int32 labels; normalisation stays in the train and eval steps, and the
-device-side augmentation must be off (`dataset.crop_padding=0`, `dataset.random_flip=False`,
-as configs/imagenet.py sets them).
+uint8 images and int32 labels; normalisation stays in the train and eval steps. The pipeline
+augments (`device_augmentation` is False): a config asking for device-side augmentation too
+is refused (`dataset.crop_padding=0`, `dataset.random_flip=False`, as configs/imagenet.py).
 
 Sources (`config.dataset.name`):
 - 'imagenet2012': tensorflow-datasets, prepared by hand (tfds cannot download ImageNet): put
@@ -16,17 +16,9 @@ Sources (`config.dataset.name`):
   torchvision's ImageFolder and the public AlignMixup code read); labels are the indices of the
   sorted class folder names. Local paths or any filesystem tf.io.gfile knows (gs://...).
 
-Training (`train_batches`), host side, per image: torchvision's RandomResizedCrop (scale
-0.08-1, aspect ratio 3/4-4/3 drawn log-uniformly, ten attempts, then a centred crop), resized
-to `image_size` (bilinear, antialiased like PIL), a horizontal flip with probability 1/2 and,
-if `dataset.pca_lighting`, AlexNet-style PCA lighting noise (std 0.1, the eigenvalues and
-eigenvectors of the public code) added to the [0, 1] pixels before they are rounded back to
-uint8. JPEGs are decoded only inside their crop window (`decode_and_crop_jpeg`), which is most
-of the speed of this pipeline; other formats (the PNG and CMYK files hidden among ImageNet's
-JPEGs, grayscale images) are decoded whole, as RGB.
-
-Evaluation (`eval_batches`): the shorter side resized to `eval_resize` (256), then the central
-`image_size` (224) square, as torchvision's Resize(256) + CenterCrop(224).
+Training (`train_batches`): RandomResizedCrop to `image_size`, a horizontal flip and, if
+`dataset.pca_lighting`, PCA lighting noise, on the host (`data.imagenet_transforms`).
+Evaluation (`eval_batches`): Resize(256) + CenterCrop(224), as torchvision's.
 
 Order, determinism and resuming:
 - imagenet_folder: epoch e visits the training images in the order
@@ -58,33 +50,26 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from alignmix_jax.input_pipeline import (
+from alignmix_jax.data.common import (
     DatasetError,
     DatasetNotFoundError,
-    _import_tensorflow,
-    _local_batch_size,
-    _short_reason,
+    check_process,
+    class_balanced_indices,
+    decode_image,
+    import_tensorflow,
+    list_class_folders,
+    local_batch_size,
+    pad_batch,
+    share_bounds,
+    short_reason,
     steps_per_epoch,
 )
+from alignmix_jax.data.imagenet_transforms import make_eval_example_fn, make_train_example_fn
 
 # Defaults of the dataset fields this module reads (configs/imagenet.py sets them all).
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_EVAL_RESIZE = 256
 
-# torchvision's RandomResizedCrop defaults, the augmentation of the public ImageNet code.
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10
-
-# AlexNet-style lighting noise (Krizhevsky et al., 2012) with the constants of the public code:
-# eigenvalues and eigenvectors (columns) of the RGB covariance of ImageNet pixels in [0, 1].
-LIGHTING_STD = 0.1
-LIGHTING_EIGVAL = (0.2175, 0.0188, 0.0045)
-LIGHTING_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-                   (-0.5808, -0.0045, -0.8140),
-                   (-0.5836, -0.6948, 0.4203))
-
-_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _FOLDER_SPLITS = {'train': 'train', 'eval': 'val'}
 _TFDS_SPLITS = {'train': 'train', 'eval': 'validation'}
 # Records held by the tfds train shuffle: ~1.1 GB of encoded ImageNet JPEGs (110 kB each).
@@ -95,8 +80,6 @@ _TFDS_SHUFFLE_BUFFER = 10_000
 _POSITION_BITS = 32
 # Stream tags: the file shuffle and the record shuffle of an epoch get independent seeds.
 _FILE_SHUFFLE_STREAM, _RECORD_SHUFFLE_STREAM = 0x66696C65, 0x72656364
-# Like input_pipeline's: a training subset is the same whatever the run's seed.
-_SUBSET_SEED = 0
 
 
 def _folder_layout_hint() -> str:
@@ -110,11 +93,6 @@ def _not_prepared_message(root: str) -> str:
             '--config.dataset.data_dir=PATH (PATH/{train,val}/<wnid>/<image>)')
 
 
-def _check_process(process_index: int, process_count: int):
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index {process_index} must be in [0, {process_count})')
-
-
 def _derived_seed(*parts: int) -> int:
     """A 31-bit seed for TensorFlow's seeded ops, a function of the given integers."""
     return int(np.random.default_rng(list(parts)).integers(2**31))
@@ -126,165 +104,6 @@ def _epoch_positions(batches_per_epoch: int, batch_size: int, first_batch: int,
     positions = np.arange(batches_per_epoch * batch_size).reshape(batches_per_epoch, batch_size)
     start = process_index * local_size
     return positions[first_batch:, start:start + local_size].reshape(-1)
-
-
-def _share_bounds(num_examples: int, process_count: int) -> np.ndarray:
-    """Start and stop of each process's contiguous evaluation share (near-equal sizes)."""
-    return np.linspace(0, num_examples, process_count + 1).round().astype(np.int64)
-
-
-def _class_balanced_subset(labels: np.ndarray, size: int) -> np.ndarray:
-    """Sorted indices of a fixed random subset whose class counts differ by at most one."""
-    num_examples = len(labels)
-    if not 0 < size <= num_examples:
-        raise ValueError(f'train_subset must be in [0, {num_examples}], got {size}')
-    order = np.random.default_rng(_SUBSET_SEED).permutation(num_examples)
-    ordered_labels = labels[order]
-    # Taking examples by increasing rank within their class takes one of each class in turn.
-    rank_in_class = np.empty(num_examples, np.int64)
-    for label in np.unique(ordered_labels):
-        members = np.flatnonzero(ordered_labels == label)
-        rank_in_class[members] = np.arange(len(members))
-    by_rank = np.lexsort((np.arange(num_examples), rank_in_class))
-    return np.sort(order[by_rank[:size]])
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-image TensorFlow functions (graph code, run inside tf.data's parallel map).
-
-
-def _decode_whole(tf, data):
-    # The accurate integer DCT gives the pixels PIL (and so torchvision) gives; TF's default,
-    # the fast one, differs by a few levels.
-    return tf.cond(
-        tf.io.is_jpeg(data),
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
-        lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
-
-
-def _crop_window(tf, height, width, seed):
-    """torchvision's RandomResizedCrop window (top, left, height, width) of an image.
-
-    Ten (area, aspect ratio) draws at once; the first whose box fits is used, with a uniform
-    offset; if none fits, the largest centred box with a ratio in range.
-    """
-    attempts_seed, top_seed, left_seed = (tf.random.experimental.stateless_fold_in(seed, tag)
-                                          for tag in range(3))
-    draws = tf.random.stateless_uniform([2, CROP_ATTEMPTS], attempts_seed, dtype=tf.float64)
-    height_f, width_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-    target_area = height_f * width_f * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0])
-                                        * draws[0])
-    log_low, log_high = np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])
-    aspect = tf.exp(log_low + (log_high - log_low) * draws[1])
-    # Round half to even, as Python's round().
-    crop_widths = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
-    crop_heights = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
-    fits = ((crop_widths > 0) & (crop_widths <= width)
-            & (crop_heights > 0) & (crop_heights <= height))
-    first_fit = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-
-    def random_window():
-        crop_height, crop_width = crop_heights[first_fit], crop_widths[first_fit]
-        top = tf.random.stateless_uniform([], top_seed, minval=0,
-                                          maxval=height - crop_height + 1, dtype=tf.int32)
-        left = tf.random.stateless_uniform([], left_seed, minval=0,
-                                           maxval=width - crop_width + 1, dtype=tf.int32)
-        return tf.stack([top, left, crop_height, crop_width])
-
-    def central_window():
-        # Only the side that makes the ratio out of range is cut; otherwise the whole image.
-        image_ratio = width_f / height_f
-        crop_height = tf.where(image_ratio < CROP_RATIO[0],
-                               tf.cast(tf.round(width_f / CROP_RATIO[0]), tf.int32), height)
-        crop_width = tf.where(image_ratio > CROP_RATIO[1],
-                              tf.cast(tf.round(height_f * CROP_RATIO[1]), tf.int32), width)
-        return tf.stack([(height - crop_height) // 2, (width - crop_width) // 2,
-                         crop_height, crop_width])
-
-    return tf.cond(tf.reduce_any(fits), random_window, central_window)
-
-
-def _decode_random_crop(tf, data, seed):
-    """The RandomResizedCrop window of an encoded image, decoded (JPEGs: only the window)."""
-
-    def jpeg():
-        shape = tf.image.extract_jpeg_shape(data)
-        window = _crop_window(tf, shape[0], shape[1], seed)
-        return tf.image.decode_and_crop_jpeg(data, window, channels=3,
-                                             dct_method='INTEGER_ACCURATE')
-
-    def other():
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        shape = tf.shape(image)
-        window = _crop_window(tf, shape[0], shape[1], seed)
-        return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
-
-    return tf.cond(tf.io.is_jpeg(data), jpeg, other)
-
-
-def _to_uint8(tf, image):
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def make_train_example_fn(image_size: int, seed: int, *, pca_lighting: bool, from_files: bool):
-    """(path or encoded image, label, key) -> (uint8 augmented image, int32 label).
-
-    `key` (int64) names the draw: the same (seed, key) gives the same crop, flip and lighting.
-    """
-    tf = _import_tensorflow()
-    eigvec = tf.constant(LIGHTING_EIGVEC, tf.float32)
-    eigval = tf.constant(LIGHTING_EIGVAL, tf.float32)
-
-    @tf.autograph.experimental.do_not_convert
-    def train_example(source, label, key):
-        data = tf.io.read_file(source) if from_files else source
-        example_seed = tf.stack([tf.constant(seed, tf.int64), key])
-        crop = _decode_random_crop(tf, data, tf.random.experimental.stateless_fold_in(
-            example_seed, 0))
-        image = tf.image.resize(crop, [image_size, image_size], method='bilinear',
-                                antialias=True)
-        flip_seed = tf.random.experimental.stateless_fold_in(example_seed, 1)
-        flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-        if pca_lighting:
-            lighting_seed = tf.random.experimental.stateless_fold_in(example_seed, 2)
-            alpha = tf.random.stateless_normal([3], lighting_seed, stddev=LIGHTING_STD)
-            # Channel c gains sum_j eigvec[c, j] alpha_j eigval_j, on the [0, 1] scale.
-            shift = tf.linalg.matvec(eigvec, alpha * eigval)
-            image = image + 255.0 * shift
-        image = tf.ensure_shape(_to_uint8(tf, image), (image_size, image_size, 3))
-        return image, tf.cast(label, tf.int32)
-
-    return train_example
-
-
-def make_eval_example_fn(image_size: int, eval_resize: int, *, from_files: bool):
-    """(path or encoded image, label) -> (uint8 resized, centre-cropped image, int32 label)."""
-    tf = _import_tensorflow()
-
-    @tf.autograph.experimental.do_not_convert
-    def eval_example(source, label):
-        data = tf.io.read_file(source) if from_files else source
-        image = _decode_whole(tf, data)
-        shape = tf.shape(image)
-        height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-        # torchvision's Resize(eval_resize): the shorter side to eval_resize, the longer one
-        # in proportion, truncated (computed in float64, as Python does).
-        long_side_of_height = tf.cast(tf.floor(eval_resize * height / width), tf.int32)
-        long_side_of_width = tf.cast(tf.floor(eval_resize * width / height), tf.int32)
-        portrait = shape[1] <= shape[0]
-        new_height = tf.where(portrait, long_side_of_height, eval_resize)
-        new_width = tf.where(portrait, eval_resize, long_side_of_width)
-        image = tf.image.resize(image, [new_height, new_width], method='bilinear',
-                                antialias=True)
-        # torchvision's CenterCrop: offsets round((size - crop) / 2), half to even.
-        top = tf.cast(tf.round(tf.cast(new_height - image_size, tf.float64) / 2), tf.int32)
-        left = tf.cast(tf.round(tf.cast(new_width - image_size, tf.float64) / 2), tf.int32)
-        image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
-        image = tf.ensure_shape(_to_uint8(tf, image), (image_size, image_size, 3))
-        return image, tf.cast(label, tf.int32)
-
-    return eval_example
 
 
 def _pipeline_options(tf):
@@ -327,10 +146,10 @@ class _FolderSource:
         return records, paths
 
     def eval_share_sizes(self, process_count: int) -> np.ndarray:
-        return np.diff(_share_bounds(len(self.eval_labels), process_count))
+        return np.diff(share_bounds(len(self.eval_labels), process_count))
 
     def eval_records(self, tf, *, process_index: int, process_count: int):
-        bounds = _share_bounds(len(self.eval_labels), process_count)
+        bounds = share_bounds(len(self.eval_labels), process_count)
         start, stop = bounds[process_index], bounds[process_index + 1]
         paths = self.eval_paths[start:stop]
         records = tf.data.Dataset.from_tensor_slices(
@@ -395,7 +214,7 @@ class _TfdsSource:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamingDataset:
-    """ImageNet read from disk as it is consumed; the interface of input_pipeline.Dataset."""
+    """ImageNet read from disk as it is consumed; the interface of data.common.Dataset."""
 
     class_names: tuple[str, ...]
     num_train_examples: int
@@ -404,6 +223,8 @@ class StreamingDataset:
     pca_lighting: bool
     source: _FolderSource | _TfdsSource
     description: str  # where the data is, for error messages
+    # Augmented by this pipeline on the host; the train step must not augment again.
+    device_augmentation = False
 
     @property
     def num_classes(self) -> int:
@@ -419,11 +240,11 @@ class StreamingDataset:
         """Endless (uint8 images (B / P, s, s, 3), int32 labels) of this process; see the
         module docstring for the order, the augmentation and resuming at `start_step`."""
         batches_per_epoch = steps_per_epoch(self.num_train_examples, batch_size)
-        local_size = _local_batch_size(batch_size, process_count)
-        _check_process(process_index, process_count)
+        local_size = local_batch_size(batch_size, process_count)
+        check_process(process_index, process_count)
         if start_step < 0:
             raise ValueError(f'start_step must be >= 0, got {start_step}')
-        tf = _import_tensorflow()
+        tf = import_tensorflow()
         example_fn = make_train_example_fn(self.image_size, seed,
                                            pca_lighting=self.pca_lighting,
                                            from_files=self.source.from_files)
@@ -446,9 +267,9 @@ class StreamingDataset:
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(images, labels, mask) of this process's share of the validation images, padded;
         every process yields the same number of batches (see the module docstring)."""
-        local_size = _local_batch_size(batch_size, process_count)
-        _check_process(process_index, process_count)
-        tf = _import_tensorflow()
+        local_size = local_batch_size(batch_size, process_count)
+        check_process(process_index, process_count)
+        tf = import_tensorflow()
         share_sizes = self.source.eval_share_sizes(process_count)
         num_batches = max(1, -(-int(np.max(share_sizes)) // local_size))
         own_size = int(share_sizes[process_index])
@@ -462,11 +283,11 @@ class StreamingDataset:
                     tf, process_index=process_index, process_count=process_count)
                 for images, labels in self._run(tf, records, example_fn, local_size, names,
                                                 drop_remainder=False):
-                    yield _pad(images, labels, local_size)
+                    yield pad_batch(images, labels, local_size)
                     yielded += 1
             empty = (np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int32))
             for _ in range(yielded, num_batches):
-                yield _pad(*empty, local_size)
+                yield pad_batch(*empty, local_size)
 
         return batches()
 
@@ -497,22 +318,11 @@ class StreamingDataset:
             # Errors surface in order (deterministic map): the culprit is in this batch.
             for name in names[batch_index * local_size:(batch_index + 1) * local_size]:
                 try:
-                    _decode_whole(tf, tf.io.read_file(name))
+                    decode_image(tf, tf.io.read_file(name))
                 except tf.errors.OpError as file_error:
                     return (f'{name} could not be read as an image '
-                            f'({_short_reason(file_error)})')
-        return f'an image of {self.description} could not be read ({_short_reason(error)})'
-
-
-def _pad(images: np.ndarray, labels: np.ndarray, size: int):
-    """Pads a batch to `size` with zero images, label 0 and mask False."""
-    mask = np.ones(len(labels), bool)
-    padding = size - len(labels)
-    if padding:
-        images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), np.uint8)])
-        labels = np.concatenate([labels, np.zeros(padding, np.int32)])
-        mask = np.concatenate([mask, np.zeros(padding, bool)])
-    return images, labels.astype(np.int32), mask
+                            f'({short_reason(file_error)})')
+        return f'an image of {self.description} could not be read ({short_reason(error)})'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,7 +354,7 @@ def load_imagenet(dataset_config: ml_collections.ConfigDict) -> StreamingDataset
                          "'imagenet_folder'")
     source, class_names = _load_folder(dataset_config.data_dir)
     if train_subset:
-        chosen = _class_balanced_subset(source.train_labels, train_subset)
+        chosen = class_balanced_indices(source.train_labels, train_subset)
         source = dataclasses.replace(source, train_paths=source.train_paths[chosen],
                                      train_labels=source.train_labels[chosen])
     return StreamingDataset(class_names=class_names,
@@ -554,7 +364,7 @@ def load_imagenet(dataset_config: ml_collections.ConfigDict) -> StreamingDataset
 
 
 def _prepared_builder(data_dir: str | None):
-    _import_tensorflow()  # configured before tfds starts TensorFlow
+    import_tensorflow()  # configured before tfds starts TensorFlow
     import tensorflow_datasets as tfds
 
     builder = tfds.builder('imagenet2012', data_dir=data_dir)
@@ -577,40 +387,18 @@ def tfds_dataset(builder, *, image_size: int = DEFAULT_IMAGE_SIZE,
         description=f'{builder.name} in {builder.data_dir}')
 
 
-def _list_split(tf, split_dir: str) -> dict[str, list[str]]:
-    """Sorted image paths of each class folder of a split, by sorted class name."""
-    if not tf.io.gfile.isdir(split_dir):
-        raise DatasetNotFoundError(f'imagenet_folder split {split_dir} does not exist: pass '
-                                   f'{_folder_layout_hint()}')
-    files_by_class = {}
-    for entry in sorted(tf.io.gfile.listdir(split_dir)):
-        class_name = entry.rstrip('/')
-        class_dir = os.path.join(split_dir, class_name)
-        if class_name.startswith('.') or not tf.io.gfile.isdir(class_dir):
-            continue
-        # Names only, no stat per file: ImageNet's train split holds 1.28 million.
-        files = sorted(os.path.join(class_dir, name) for name in tf.io.gfile.listdir(class_dir)
-                       if name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith('.'))
-        if not files:
-            raise DatasetNotFoundError(f'class folder {class_dir} holds no images '
-                                       f'({", ".join(_IMAGE_SUFFIXES)})')
-        files_by_class[class_name] = files
-    if not files_by_class:
-        raise DatasetNotFoundError(f'imagenet_folder split {split_dir} holds no class folders: '
-                                   f'pass {_folder_layout_hint()}')
-    return files_by_class
-
-
 def _load_folder(data_dir: str | None) -> tuple[_FolderSource, tuple[str, ...]]:
     if not data_dir:
         raise DatasetNotFoundError(f'imagenet_folder needs the folder: pass '
                                    f'{_folder_layout_hint()}')
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     root = os.path.expanduser(data_dir)
     if not tf.io.gfile.isdir(root):
         raise DatasetNotFoundError(f'imagenet_folder {root} does not exist: pass '
                                    f'{_folder_layout_hint()}')
-    listings = {kind: _list_split(tf, os.path.join(root, folder))
+    listings = {kind: list_class_folders(os.path.join(root, folder), 'imagenet_folder',
+                                         missing=f'pass {_folder_layout_hint()}',
+                                         empty=f'pass {_folder_layout_hint()}')
                 for kind, folder in _FOLDER_SPLITS.items()}
     class_names = tuple(listings['train'])
     if tuple(listings['eval']) != class_names:

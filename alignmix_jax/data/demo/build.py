@@ -1,6 +1,6 @@
 """Rebuilds `cifar10_demo.npz`, the CIFAR-10 subset embedded in the package, from a JPEG folder.
 
-    python -m alignmix_jax.demo_data.build --source ../shared/data/cifar10-jpeg
+    python -m alignmix_jax.data.demo.build --source ../shared/data/cifar10-jpeg
 
 Takes the first 500 training and the first 100 test images of each class, in file-name order,
 from SOURCE/{train,test}/<class>/*.jpg, and stores their original JPEG bytes (no re-encoding,
@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from alignmix_jax import input_pipeline
+from alignmix_jax.data import in_memory
 
 IMAGES_PER_CLASS = {'train': 500, 'test': 100}
 # Before this date zip timestamps cannot go; any fixed date makes the archive reproducible.
@@ -64,7 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--source', type=pathlib.Path, required=True,
                         help='CIFAR-10 as SOURCE/{train,test}/<class>/*.jpg')
-    parser.add_argument('--output', type=pathlib.Path, default=input_pipeline.DEMO_DATA_PATH)
+    parser.add_argument('--output', type=pathlib.Path, default=in_memory.DEMO_DATA_PATH)
     args = parser.parse_args()
     build(args.source, args.output)
     print(f'wrote {args.output} ({args.output.stat().st_size / 2**20:.2f} MiB)')

@@ -1,1 +1,0 @@
-"""The CIFAR-10 subset embedded in the package (built by `build.py`, read by input_pipeline)."""

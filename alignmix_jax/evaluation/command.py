@@ -1,0 +1,67 @@
+"""The evaluation command: python -m alignmix_jax.evaluation.<kind> --config=... --workdir=DIR.
+
+Restores the checkpoint of WORKDIR (the latest, or --step), runs the kind's evaluator, prints
+its table and writes WORKDIR/eval/<kind>.json (and the evaluator's own files). Bad input ends
+with one `error: ...` line.
+"""
+
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from alignmix_jax import checkpointing, data
+from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax.evaluation import common
+
+
+def define_flags() -> None:
+    """The command's flags; called by the entry point only, so importing defines none."""
+    from ml_collections import config_flags
+
+    flags.DEFINE_string('workdir', None, 'The training workdir: checkpoints are read from '
+                        'WORKDIR/checkpoints, results written to WORKDIR/eval.')
+    flags.mark_flags_as_required(['workdir'])
+    config_flags.DEFINE_config_file('config', None, 'The training config of the run '
+                                    '(with the same overrides).', lock_config=True)
+    flags.mark_flags_as_required(['config'])
+    flags.DEFINE_integer('step', None, 'The checkpoint step to evaluate (default: the latest).')
+
+
+def evaluate_workdir(kind: str, config: ml_collections.ConfigDict, workdir: str,
+                     step: int | None = None) -> tuple[dict, str]:
+    """The command's work as a function: (the JSON record written, the printed table)."""
+    from alignmix_jax import evaluation
+
+    evaluator_class = evaluation.evaluator_class(kind)
+    context, variables, step = common.load(config, workdir, step)
+    options = config.evals[kind].to_dict() if kind in config.evals else {}
+    evaluator = evaluator_class(context, **options)
+    results = evaluator.run(variables)
+    table = f'{kind} of {workdir} at step {step}\n{evaluator.table(results)}'
+    record = {'kind': kind, 'step': step, 'options': options, 'results': results}
+    if jax.process_index() == 0:
+        path = common.write_results(workdir, kind, step, results, options)
+        written = [path, *evaluator.write_files(results, os.path.dirname(path))]
+        table += '\nwrote ' + ', '.join(written)
+    return record, table
+
+
+def run_command(kind: str) -> None:
+    """The `python -m alignmix_jax.evaluation.<kind>` entry point (defines flags, runs)."""
+    define_flags()
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+        logging.get_absl_handler().addFilter(hide_library_info)
+        try:
+            _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
+                                        flags.FLAGS.step)
+        except (checkpointing.CheckpointError, data.DatasetError,
+                ValueError) as error:
+            raise SystemExit(f'error: {error}') from None
+        print(table)
+
+    app.run(main, flags_parser=parse_flags)
