@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import convert_torchvision
+from alignmix_jax import convert_torchvision, pretrained
 from alignmix_jax.models import build_model
 from configs import default
 from tests.conftest import init_key
@@ -162,7 +162,7 @@ def convert_saved(tmp_path, arch, module):
     state = convert_torchvision.read_state_dict(str(state_dict_path))
     variables, unused = convert_torchvision.convert(arch, state)
     output = tmp_path / f'{arch}_converted'
-    convert_torchvision.save_converted(variables, str(output), {'arch': arch})
+    pretrained.save_converted(variables, str(output), {'arch': arch})
     return output, unused
 
 
@@ -186,7 +186,7 @@ def test_resnet50_logits_match_torch(tmp_path, last_stride):
     output, unused = convert_saved(tmp_path, 'resnet50', reference)
     assert unused == []
     model = flax_model('resnet50', 10, last_stride=last_stride)
-    variables = convert_torchvision.load_pretrained(fresh_variables(model), str(output))
+    variables = pretrained.load_pretrained(fresh_variables(model), str(output))
     logits, expected = torch_and_flax_logits(reference, model, variables)
     assert np.abs(expected).max() > 0.1  # not a degenerate comparison
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
@@ -198,7 +198,7 @@ def test_vgg16_cam_logits_match_torch(tmp_path):
     output, unused = convert_saved(tmp_path, 'vgg16', reference)
     assert unused == []
     model = flax_model('vgg16_gap', 7, last_stride=1)
-    variables = convert_torchvision.load_pretrained(fresh_variables(model), str(output))
+    variables = pretrained.load_pretrained(fresh_variables(model), str(output))
     logits, expected = torch_and_flax_logits(reference, model, variables)
     assert np.abs(expected).max() > 1e-3
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
@@ -218,7 +218,7 @@ def test_torchvision_vgg16_fills_the_convolutions_and_leaves_the_head(tmp_path):
     assert unused == [f'classifier.{i}.{p}' for i in (0, 3, 6) for p in ('bias', 'weight')]
     model = flax_model('vgg16_gap', 200, last_stride=1)
     initial = fresh_variables(model)
-    loaded = convert_torchvision.load_pretrained(initial, str(output))
+    loaded = pretrained.load_pretrained(initial, str(output))
     for index, name in zip(convert_torchvision.vgg16_feature_indices(),
                            ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2',
                             'conv3_3', 'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2',
@@ -239,7 +239,7 @@ def test_classifier_of_another_class_count_is_skipped_and_other_mismatches_fail(
     output, _ = convert_saved(tmp_path, 'resnet50', TorchResNet50(1000, WIDTH))
     model = flax_model('resnet50', 200)
     initial = fresh_variables(model)
-    loaded = convert_torchvision.load_pretrained(initial, str(output))
+    loaded = pretrained.load_pretrained(initial, str(output))
     np.testing.assert_array_equal(loaded['params']['classifier']['kernel'],
                                   initial['params']['classifier']['kernel'])
     assert not np.array_equal(loaded['params']['encoder']['stem_conv']['kernel'],
@@ -248,13 +248,13 @@ def test_classifier_of_another_class_count_is_skipped_and_other_mismatches_fail(
     # Another width: an error naming the array.
     wider = flax_model('resnet50', 200, width=0.25)
     with pytest.raises(convert_torchvision.ConversionError, match='stem_conv/kernel'):
-        convert_torchvision.load_pretrained(fresh_variables(wider), str(output))
+        pretrained.load_pretrained(fresh_variables(wider), str(output))
     # Another architecture.
     vgg = flax_model('vgg16_gap', 200, last_stride=1)
     with pytest.raises(convert_torchvision.ConversionError, match='another architecture'):
-        convert_torchvision.load_pretrained(fresh_variables(vgg), str(output))
+        pretrained.load_pretrained(fresh_variables(vgg), str(output))
     with pytest.raises(FileNotFoundError, match='convert_torchvision'):
-        convert_torchvision.load_pretrained(initial, str(tmp_path / 'nothing'))
+        pretrained.load_pretrained(initial, str(tmp_path / 'nothing'))
 
 
 def test_full_width_resnet50_keys_and_shapes_fit_the_model():
@@ -287,7 +287,7 @@ def test_command_writes_the_weights(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert '26 arrays' in result.stdout and 'classifier.0.bias' in result.stdout
-    converted = convert_torchvision.load_converted(str(tmp_path / 'out'))
+    converted = pretrained.load_converted(str(tmp_path / 'out'))
     assert converted['params']['encoder']['conv1_1']['kernel'].shape == (3, 3, 3, 4)
     missing = subprocess.run(
         [sys.executable, '-m', 'alignmix_jax.convert_torchvision', '--arch=vgg16',

@@ -269,7 +269,7 @@ def test_visualize_command_writes_the_pictures_of_a_demo_checkpoint(tmp_path):
             assert np.asarray(picture.convert('L')).std() > 10
 
     # The evaluations restore a checkpoint with a decoder too (its parameters are in the tree).
-    from alignmix_jax.evaluation import common as evaluation_common
-    record, _ = evaluation_common.evaluate_workdir('classification', config, workdir)
+    from alignmix_jax.evaluation import command as evaluation_command
+    record, _ = evaluation_command.evaluate_workdir('classification', config, workdir)
     assert record['results']['top1_error'] == pytest.approx(
         1 - result['final_test_accuracy'], abs=1e-6)

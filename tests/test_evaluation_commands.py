@@ -11,7 +11,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from alignmix_jax import augmentation, checkpointing, train
-from alignmix_jax.evaluation import common, ood
+from alignmix_jax.evaluation import command, common, ood
 from tests.conftest import REPO_ROOT, make_tiny_config
 
 # The tiny config as command-line overrides of configs/demo.py (the fields evaluation reads).
@@ -121,14 +121,14 @@ def test_errors_are_one_line(trained, tmp_path):
     workdir, _ = trained
     config = make_tiny_config()
     with pytest.raises(checkpointing.CheckpointError, match='train first'):
-        common.evaluate_workdir('classification', config, str(tmp_path))
+        command.evaluate_workdir('classification', config, str(tmp_path))
     with pytest.raises(checkpointing.CheckpointError, match=r'available steps: \[4, 6, 8\]'):
-        common.evaluate_workdir('classification', config, workdir, step=5)
-    record, _ = common.evaluate_workdir('classification', config, workdir, step=6)
+        command.evaluate_workdir('classification', config, workdir, step=5)
+    record, _ = command.evaluate_workdir('classification', config, workdir, step=6)
     assert record['step'] == 6
     config.model.width = 0.25
     with pytest.raises(checkpointing.CheckpointError, match='does not fit the model'):
-        common.evaluate_workdir('classification', config, workdir)
+        command.evaluate_workdir('classification', config, workdir)
     completed = subprocess.run([sys.executable, '-m', 'alignmix_jax.evaluation', 'foo'],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert completed.returncode != 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from alignmix_jax import data
+from alignmix_jax import cam_localization, data
 from alignmix_jax.evaluation import localization as localization_eval
 from alignmix_jax.models import build_model
 from configs import default
@@ -85,7 +85,7 @@ def test_cams_average_to_the_logits(head_norm, embedding_dim):
     if embedding_dim:
         bias = params['embedding']['bias'] @ params['classifier']['kernel'] + bias
     for cls in range(5):
-        maps = localization_eval.localization.class_activation_maps(
+        maps = cam_localization.class_activation_maps(
             features, localization_eval.cam_weights(params), jnp.full((3,), cls))
         np.testing.assert_allclose(np.asarray(maps.mean(axis=(1, 2))) + bias[cls],
                                    logits[:, cls], rtol=1e-4, atol=1e-4)

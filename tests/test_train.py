@@ -312,7 +312,7 @@ def test_bfloat16_model_trains_with_a_float32_alignment(demo_dataset):
 def test_pretrained_weights_replace_the_initialisation(tmp_path, demo_dataset):
     """config.model.pretrained: the converter's output directory is loaded into the new state
     (the converter itself is tested against torch in test_convert_torchvision.py)."""
-    from alignmix_jax import convert_torchvision
+    from alignmix_jax import pretrained
 
     config = make_tiny_config()
     model = build_model(config.model, demo_dataset.num_classes)
@@ -320,7 +320,7 @@ def test_pretrained_weights_replace_the_initialisation(tmp_path, demo_dataset):
     other_seed.seed = 7
     source = train_step.create_train_state(other_seed, model, demo_dataset.image_shape, 4)
     weights_dir = str(tmp_path / 'weights')
-    convert_torchvision.save_converted(
+    pretrained.save_converted(
         {'params': jax.device_get(source.params),
          'batch_stats': jax.device_get(source.batch_stats)}, weights_dir, {'arch': 'test'})
 
