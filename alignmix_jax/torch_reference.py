@@ -190,10 +190,11 @@ def train_step(model, optimizer, images, labels, permutation, lam: float, mode: 
 
     Returns:
       {'loss': the loss before the step (float), 'iterations': Sinkhorn iterations (0 when
-      none ran), 'grads': parameter name -> gradient}. The gradients are the live `.grad`
-      tensors (nothing is copied, so the step can run repeatedly at its own cost): clone them
-      to keep them past the next step. The updated parameters and BatchNorm statistics are
-      the model's state (`flax_tree(model)` reads them in this project's layout).
+      none ran), 'grads': parameter name -> gradient, 'state': the model's state_dict after
+      the step (updated parameters and BatchNorm running statistics, torch names)}. Tensors
+      are the live ones (nothing is copied, so the step can run repeatedly at its own cost):
+      clone them to keep them past the next step. `flax_tree(model)` (and `grads=True`)
+      reads the same in this project's tree layout.
     """
     torch = _torch()
     if mode not in MODES:
@@ -211,7 +212,8 @@ def train_step(model, optimizer, images, labels, permutation, lam: float, mode: 
     loss.backward()
     optimizer.step()
     return {'loss': float(loss.detach()), 'iterations': iterations,
-            'grads': {name: parameter.grad for name, parameter in model.named_parameters()}}
+            'grads': {name: parameter.grad for name, parameter in model.named_parameters()},
+            'state': model.state_dict(keep_vars=True)}
 
 
 def to_torch_images(images) -> 'object':
