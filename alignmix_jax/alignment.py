@@ -189,3 +189,89 @@ def marginal_error(plan: jax.Array) -> jax.Array:
     row_error = jnp.max(jnp.abs(num_rows * jnp.sum(plan, axis=-1) - 1.0), axis=-1)
     col_error = jnp.max(jnp.abs(num_cols * jnp.sum(plan, axis=-2) - 1.0), axis=-1)
     return jnp.maximum(row_error, col_error)
+
+
+def _public_sinkhorn(cost: jax.Array, *, epsilon: float, max_iters: int,
+                     threshold: float) -> tuple[jax.Array, jax.Array]:
+    """The public code's loop on a batch of costs (n, r, r): (plans (n, r, r), iterations)."""
+    num_positions = cost.shape[-1]
+    # log(1/r + 1e-8) in float32, as the public code writes its uniform marginals.
+    log_marginal = jnp.log(jnp.float32(1.0 / num_positions) + jnp.float32(1e-8))
+
+    def exponent(u, v):
+        # (-c_ij + u_i + v_j) / eps, the public code's "modified cost".
+        return (-cost + u[..., :, None] + v[..., None, :]) / epsilon
+
+    def body(state):
+        u, v, _, iteration = state
+        # Both updates in the public code's form, the old potential inside the logsumexp and
+        # added back outside: equal to the usual update in exact arithmetic, and written the
+        # same way so float32 rounding matches too. u (A's positions) first, then v.
+        new_u = epsilon * (log_marginal - jax.nn.logsumexp(exponent(u, v), axis=-1)) + u
+        new_v = epsilon * (log_marginal - jax.nn.logsumexp(exponent(new_u, v), axis=-2)) + v
+        # Mean over the batch of the L1 change of u: one number decides for every pair.
+        change = jnp.mean(jnp.sum(jnp.abs(new_u - u), axis=-1))
+        return new_u, new_v, change, iteration + 1
+
+    def keep_going(state):
+        _, _, change, iteration = state
+        # `not change < threshold` rather than `change >= threshold`: the public loop only
+        # breaks on a comparison that holds, so a NaN change runs on to max_iters as it does.
+        return jnp.logical_and(iteration < max_iters, jnp.logical_not(change < threshold))
+
+    potentials = jnp.zeros(cost.shape[:-1], jnp.float32)
+    initial = (potentials, potentials, jnp.float32(jnp.inf), jnp.int32(0))
+    u, v, _, iterations = jax.lax.while_loop(keep_going, body, initial)
+    return jnp.exp(exponent(u, v)), iterations
+
+
+@functools.partial(jax.jit, static_argnames=('max_iters',))
+def public_transport_plan(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
+                          max_iters: int = 100,
+                          threshold: float = 0.1) -> tuple[jax.Array, jax.Array]:
+    """The transport plan as the public AlignMixup CIFAR code computes it (its utils/OT.py).
+
+    The same problem as `transport_plan` (Eq. 7-9: squared Euclidean cost between the
+    positions of `a` and `b`, absolute epsilon, uniform marginals, log domain, u over `a`'s
+    positions updated before v over `b`'s), solved by the public loop: at most `max_iters`
+    iterations, stopping after the first iteration at which the mean over the batch of
+    sum_i |u_i - u_i_previous| falls below `threshold`; `1e-8` added to the marginals inside
+    their logarithms; the cost used as it is (not shifted as `transport_plan` shifts it).
+
+    Written by hand rather than with ott-jax: ott's Sinkhorn stops each problem on its own
+    marginal error (a p-norm of a marginal's deviation from its target, checked every
+    `inner_iterations`), and under vmap every problem of a batch stops separately. The public
+    rule, one decision for the whole batch from the change of the first potential averaged
+    over the batch, is not a criterion ott can be given. The loop is a `jax.lax.while_loop` on
+    the device: no host round trip, the whole batch stops together.
+
+    Args:
+      a, b: features of equal shape (..., h, w, c); the leading dimensions are the batch over
+        which the stopping rule averages (under `shard_map`: each device's slice, as each
+        replica of PyTorch's DataParallel runs the loop on its own slice).
+      epsilon, max_iters, threshold: the public code's eps 0.1, max_iter 100, thresh 0.1.
+
+    Returns:
+      (plan, iterations): the float32 plan (..., r, r), P[..., i, j] coupling position i of
+      `a` with position j of `b`, under stop_gradient; and the int32 number of iterations run.
+      Its column sums are 1/r (v is updated last); its row sums are off by as much as the loop
+      stopped short of convergence.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f'public_transport_plan needs equal shapes (..., h, w, c); got '
+                         f'{a.shape} and {b.shape}')
+    if a.ndim < 3:
+        raise ValueError(f'public_transport_plan needs features of shape (..., h, w, c); got '
+                         f'{a.shape}')
+    if max_iters < 1:
+        raise ValueError(f'public_transport_plan needs max_iters >= 1; got {max_iters}')
+    leading = a.shape[:-3]
+    a_positions = _positions(jax.lax.stop_gradient(a).astype(jnp.float32))
+    b_positions = _positions(jax.lax.stop_gradient(b).astype(jnp.float32))
+    num_positions, channels = a_positions.shape[-2:]
+    cost = jax.vmap(_squared_distances)(a_positions.reshape(-1, num_positions, channels),
+                                        b_positions.reshape(-1, num_positions, channels))
+    plans, iterations = _public_sinkhorn(cost, epsilon=epsilon, max_iters=max_iters,
+                                         threshold=threshold)
+    plans = plans.reshape(*leading, num_positions, num_positions)
+    return jax.lax.stop_gradient(plans), iterations

@@ -1,0 +1,195 @@
+"""Step-level parity with the public PyTorch CIFAR code (alignmix_jax.torch_reference).
+
+Both sides start from the same weights (PyTorch's default initialisation, drawn by torch and
+copied into our Flax tree), see the same normalised batch, permutation and lambda, and take
+SGD steps of one mode; then the loss, every gradient, every updated parameter and every
+BatchNorm statistic are compared leaf by leaf. Our side is composed here from the pieces the
+train step uses: the model's stages (`features`, `embed`, `classify`), `mixup.mix`,
+`mixup.mixed_targets`, `mixup.soft_cross_entropy`, the alignment functions and the optimizer of
+`train.make_optimizer`. The aligned modes use the public variant: the plan of
+`alignment.public_transport_plan`, and for 'feature_prime' the plan of A to A' reused (A R).
+
+One difference is known and converted here rather than hidden: PyTorch's running variance
+averages the unbiased batch variance (n / (n - 1) times the biased one Flax averages), n the
+number of values per channel the layer normalised.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from alignmix_jax import alignment, mixup
+from alignmix_jax.models.classifier import Classifier
+from alignmix_jax.train import make_optimizer
+
+torch = pytest.importorskip('torch', reason='the parity test runs the PyTorch transcription: '
+                            'pip install torch (CPU build)')
+from alignmix_jax import torch_reference  # noqa: E402  (needs torch)
+
+BATCH, WIDTH, CLASSES = 8, 0.25, 10
+LAM = 0.3
+BN_MOMENTUM = 0.1  # PyTorch's: weight of the new batch
+
+
+def train_config():
+    config = ml_collections.ConfigDict()
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4
+    config.lr_decay_epochs = ()
+    config.lr_decay_factor = 0.1
+    config.classifier_learning_rate = None
+    config.decoder_learning_rate = None
+    return config
+
+
+def fixed_batch():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, BATCH)
+    permutation = rng.permutation(BATCH)
+    return images, labels, permutation
+
+
+def flax_loss_fn(model, mode, images, labels, permutation, lam):
+    one_hot = jax.nn.one_hot(labels, CLASSES, dtype=jnp.float32)
+
+    def stage(params, batch_stats, method, inputs):
+        outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats}, inputs,
+                                       train=True, method=method, mutable=['batch_stats'])
+        return outputs, updates['batch_stats']
+
+    def loss_fn(params, batch_stats):
+        inputs = images
+        if mode == 'input':
+            inputs = mixup.mix(*mixup.pair(images, permutation), lam)
+        features, batch_stats = stage(params, batch_stats, 'features', inputs)
+        if mode in ('feature', 'feature_prime'):
+            anchor, partner = mixup.pair(features, permutation)
+            plan, _ = alignment.public_transport_plan(anchor, partner)
+            if mode == 'feature':  # lam A + (1 - lam) A' R^T
+                features = mixup.mix(anchor, alignment.apply_plan(plan, partner), lam)
+            else:  # lam A R + (1 - lam) A', the same plan
+                features = mixup.mix(alignment.apply_plan(jnp.swapaxes(plan, -1, -2), anchor),
+                                     partner, lam)
+        embedding, batch_stats = stage(params, batch_stats, 'embed', features)
+        logits = model.apply({'params': params}, embedding, method='classify')
+        targets = one_hot if mode == 'none' else mixup.mixed_targets(one_hot, permutation, lam)
+        return jnp.mean(mixup.soft_cross_entropy(logits, targets)), batch_stats
+
+    return loss_fn
+
+
+def values_per_channel():
+    """BatchNorm layer (Flax path) -> values per channel it normalises in a training batch."""
+    counts = {('encoder', 'stem_norm'): BATCH * 32 * 32}
+    for stage in range(1, 5):
+        side_in, side = 32 // 2 ** max(stage - 2, 0), 32 // 2 ** (stage - 1)
+        counts[('encoder', f'stage{stage}_block1', 'norm1')] = BATCH * side_in ** 2
+        for norm in (('stage{}_block1', 'norm2'), ('stage{}_block2', 'norm1'),
+                     ('stage{}_block2', 'norm2')):
+            counts[('encoder', norm[0].format(stage), norm[1])] = BATCH * side ** 2
+    return counts
+
+
+def as_torch_running_var(flax_stats, previous_flax_stats, previous_torch_stats):
+    """The running variances PyTorch would hold after the step Flax just took."""
+    expected = jax.tree.map(np.array, flax_stats)
+    for path, count in values_per_channel().items():
+        new, old, old_torch = (tree for tree in (
+            expected, previous_flax_stats, previous_torch_stats))
+        for key in path:
+            new, old, old_torch = new[key], old[key], old_torch[key]
+        batch_var = (new['var'] - (1 - BN_MOMENTUM) * old['var']) / BN_MOMENTUM
+        new['var'] = ((1 - BN_MOMENTUM) * old_torch['var']
+                      + BN_MOMENTUM * batch_var * count / (count - 1))
+    return expected
+
+
+def assert_trees_close(actual, expected, *, rtol, what):
+    """Leaf by leaf: |a - e| <= rtol * max|e| of the leaf (plus a tiny floor for zeros)."""
+    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    flat_actual = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
+    assert flat_actual.keys() == flat_expected.keys(), what
+    worst = 0.0
+    for path, value in flat_expected.items():
+        value, other = np.asarray(value), np.asarray(flat_actual[path])
+        scale = max(float(np.max(np.abs(value))), 1e-12)
+        error = float(np.max(np.abs(other - value))) / scale
+        worst = max(worst, error)
+        assert error <= rtol, f'{what} {jax.tree_util.keystr(path)}: relative error {error:.2e}'
+    return worst
+
+
+def assert_parameters_close(actual, expected, initial, *, rtol=1e-5):
+    """Updated parameters, relative to what the steps changed in each leaf (a parameter
+    that starts at zero, like the BatchNorm biases, is all change), plus float32's rounding of
+    the leaf's values (4 ulps: the change of a scale near 1 is only known to ~1e-7).
+
+    Returns the worst error in units of the leaf's change.
+    """
+    worst = 0.0
+    flat_initial = dict(jax.tree_util.tree_flatten_with_path(initial)[0])
+    flat_actual = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
+    for path, value in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        value, other = np.asarray(value), np.asarray(flat_actual[path])
+        change = float(np.max(np.abs(value - flat_initial[path])))
+        rounding = 4 * np.finfo(np.float32).eps * float(np.max(np.abs(value)))
+        error = float(np.max(np.abs(other - value)))
+        assert change > 0, f'parameter {jax.tree_util.keystr(path)} did not change'
+        assert error <= rtol * change + rounding, \
+            f'parameter {jax.tree_util.keystr(path)}: error {error:.2e}, change {change:.2e}'
+        worst = max(worst, error / change)
+    return worst
+
+
+@pytest.fixture(scope='module')
+def initial_variables():
+    # PyTorch's default initialisation, taken from torch itself (kaiming-uniform a = sqrt(5)
+    # for convolutions and Linear, Linear's uniform bias), so that both sides start equal.
+    return torch_reference.flax_tree(torch_reference.build_classifier(CLASSES, WIDTH, seed=0))
+
+
+@pytest.mark.parametrize('mode,num_steps', [('none', 1), ('input', 1), ('feature', 1),
+                                            ('feature_prime', 1), ('input', 3)])
+def test_sgd_steps_match_pytorch(initial_variables, mode, num_steps):
+    images, labels, permutation = fixed_batch()
+    model = Classifier(num_classes=CLASSES, width=WIDTH, use_head_norm=False)
+    params = jax.tree.map(jnp.asarray, initial_variables['params'])
+    batch_stats = jax.tree.map(jnp.asarray, initial_variables['batch_stats'])
+    optimizer, _ = make_optimizer(train_config(), steps_per_epoch=10)
+    opt_state = optimizer.init(params)
+    loss_and_grad = jax.jit(jax.value_and_grad(
+        flax_loss_fn(model, mode, images, labels, permutation, LAM), has_aux=True))
+
+    torch_model = torch_reference.build_classifier(CLASSES, WIDTH)
+    torch_reference.load_flax_variables(torch_model, initial_variables)
+    torch_optimizer = torch_reference.make_optimizer(torch_model, 0.1, 0.9, 1e-4)
+    torch_batch = (torch_reference.to_torch_images(images), torch.from_numpy(labels),
+                   torch.from_numpy(permutation))
+
+    expected_stats = jax.tree.map(np.array, initial_variables['batch_stats'])
+    worst = {'gradient': 0.0}
+    for _ in range(num_steps):
+        (loss, new_batch_stats), grads = loss_and_grad(params, batch_stats)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        expected_stats = as_torch_running_var(new_batch_stats, batch_stats, expected_stats)
+        batch_stats = new_batch_stats
+        result = torch_reference.train_step(torch_model, torch_optimizer, *torch_batch, LAM,
+                                            mode)
+        np.testing.assert_allclose(result['loss'], float(loss), rtol=2e-6)
+        worst['gradient'] = max(worst['gradient'], assert_trees_close(
+            grads, torch_reference.flax_tree(torch_model, grads=True)['params'], rtol=5e-5,
+            what='gradient'))
+    torch_state = torch_reference.flax_tree(torch_model)
+    worst['parameter'] = assert_parameters_close(params, torch_state['params'],
+                                                 initial_variables['params'])
+    worst['BatchNorm statistic'] = assert_trees_close(
+        expected_stats, torch_state['batch_stats'], rtol=2e-6, what='BatchNorm statistic')
+    print(f'{mode} x{num_steps}: loss {float(loss):.6f} (torch {result["loss"]:.6f}); worst '
+          'relative errors ' + ', '.join(f'{name} {value:.1e}' for name, value in worst.items()))
