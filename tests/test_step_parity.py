@@ -6,7 +6,7 @@ SGD steps of one mode; then the loss, every gradient, every updated parameter an
 BatchNorm statistic are compared leaf by leaf. Our side is composed here from the pieces the
 train step uses: the model's stages (`features`, `embed`, `classify`), `mixup.mix`,
 `mixup.mixed_targets`, `mixup.soft_cross_entropy`, the alignment functions and the optimizer of
-`train.make_optimizer`. The aligned modes use the public variant: the plan of
+`train_step.make_optimizer`. The aligned modes use the public variant: the plan of
 `alignment.public_transport_plan`, and for 'feature_prime' the plan of A to A' reused (A R).
 
 One difference is known and converted here rather than hidden: PyTorch's running variance
@@ -23,7 +23,7 @@ import pytest
 
 from alignmix_jax import alignment, mixup
 from alignmix_jax.models.classifier import Classifier
-from alignmix_jax.train import make_optimizer
+from alignmix_jax.train_step import make_optimizer
 
 torch = pytest.importorskip('torch', reason='the parity test runs the PyTorch transcription: '
                             'pip install torch (CPU build)')
