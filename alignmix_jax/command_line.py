@@ -2,11 +2,14 @@
 
     app.run(main, flags_parser=parse_flags)      a bad config override is one clear line
     logging.get_absl_handler().addFilter(hide_library_info)
+    with one_line_errors():                      a mistake in the settings or the data is
+        ...                                      `error: ...` and exit status 1
 """
 
+import contextlib
 import logging as python_logging
 
-from absl import flags
+from absl import flags, logging
 
 
 def parse_flags(argv):
@@ -29,3 +32,28 @@ def parse_flags(argv):
 def hide_library_info(record: python_logging.LogRecord) -> bool:
     """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
     return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user causes through the config, the data or the workdir, each raised with
+    a message that says what to do. ValueError is every setting (config_checks) and every
+    data-dependent size check; imported late: their modules import JAX and TensorFlow."""
+    from alignmix_jax.checkpointing import CheckpointError
+    from alignmix_jax.input_pipeline import DatasetError
+    return (ValueError, CheckpointError, DatasetError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Turns the user's errors into one `error: <message>` line on stderr and exit status 1.
+
+    The traceback is still logged at debug level (`--verbosity=1` shows it), for the rare
+    ValueError that is a bug rather than a bad setting.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        logging.debug('the error above, with its traceback', exc_info=True)
+        raise SystemExit(f'error: {error}') from None

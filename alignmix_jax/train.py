@@ -45,6 +45,7 @@ from flax.training import train_state
 from alignmix_jax import (
     alignment,
     checkpointing,
+    config_checks,
     convert_torchvision,
     evaluation,
     input_pipeline,
@@ -513,12 +514,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `dataset`: the data, already loaded by `input_pipeline.load_dataset(config.dataset)`, for
     callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
+    The settings are checked first.
     """
+    config_checks.validate(config, num_devices=jax.device_count())
     # Orbax writes only to absolute paths; `--workdir=runs/demo` is relative to the caller.
     workdir = os.path.abspath(workdir)
     modes = training_modes(config)
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.dataset)
+    config_checks.check_training_set(config, dataset.num_train_examples)
     model = build_training_model(config, dataset)
     train_config = config.train
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train_examples,

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
 from alignmix_jax import checkpointing, input_pipeline, sharding
-from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 from alignmix_jax.models import build_model_for_dataset
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # uint8 images, int32 labels, bool mask
@@ -244,12 +244,11 @@ def run_command(kind: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
         logging.get_absl_handler().addFilter(hide_library_info)
-        try:
+        with one_line_errors():
+            from alignmix_jax import config_checks
+            config_checks.validate(flags.FLAGS.config)
             _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
                                         flags.FLAGS.step)
-        except (checkpointing.CheckpointError, input_pipeline.DatasetError,
-                ValueError) as error:
-            raise SystemExit(f'error: {error}') from None
         print(table)
 
     app.run(main, flags_parser=parse_flags)
