@@ -37,10 +37,12 @@ def hide_library_info(record: python_logging.LogRecord) -> bool:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user causes through the config, the data or the workdir, each raised with
     a message that says what to do. ValueError is every setting (config_checks) and every
-    data-dependent size check; imported late: their modules import JAX and TensorFlow."""
+    data-dependent size check; WorkdirLockedError, another run in the workdir. Imported late:
+    their modules import JAX and TensorFlow."""
     from alignmix_jax.checkpointing import CheckpointError
     from alignmix_jax.input_pipeline import DatasetError
-    return (ValueError, CheckpointError, DatasetError, FloatingPointError)
+    from alignmix_jax.workdir_lock import WorkdirLockedError
+    return (ValueError, CheckpointError, DatasetError, FloatingPointError, WorkdirLockedError)
 
 
 @contextlib.contextmanager

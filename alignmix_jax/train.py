@@ -51,6 +51,7 @@ from alignmix_jax import (
     input_pipeline,
     mixup,
     sharding,
+    workdir_lock,
 )
 from alignmix_jax.evaluation import common as evaluation_common
 from alignmix_jax.models import build_model_for_dataset, encoder_stages
@@ -514,9 +515,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `dataset`: the data, already loaded by `input_pipeline.load_dataset(config.dataset)`, for
     callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
-    The settings are checked first.
+    The settings are checked first; the run holds the workdir's lock (one run per workdir).
     """
     config_checks.validate(config, num_devices=jax.device_count())
+    with workdir_lock.hold(workdir, jax.process_index()):
+        return _train_and_evaluate(config, workdir, dataset)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        dataset: input_pipeline.Dataset | None) -> dict:
     # Orbax writes only to absolute paths; `--workdir=runs/demo` is relative to the caller.
     workdir = os.path.abspath(workdir)
     modes = training_modes(config)
