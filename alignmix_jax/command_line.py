@@ -6,6 +6,7 @@
         ...                                      `error: ...` and exit status 1
 """
 
+import collections
 import contextlib
 import logging as python_logging
 
@@ -15,8 +16,10 @@ from absl import flags, logging
 def parse_flags(argv):
     """absl's flag parsing, with one clear line for a bad config override."""
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:  # e.g. a value of the wrong type
+        arguments = flags.FLAGS(argv)
+        check_tuple_fields_given_once(argv)
+        return arguments
+    except (flags.Error, ValueError) as error:  # e.g. a value of the wrong type
         raise SystemExit(f'error: {error}') from None
     except (AttributeError, KeyError) as error:
         # ml_collections reports a field that does not exist as a KeyError (wrapped in an
@@ -27,6 +30,28 @@ def parse_flags(argv):
         detail = ' '.join(str(message).split())
         raise SystemExit(f'error: no config field {detail}; the fields are listed in '
                          f'configs/default.py') from None
+
+
+def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """ValueError when a tuple field of the config is given more than once.
+
+    ml_collections makes each tuple field an absl MultiFlag (so that `--f=1 --f=2` builds
+    (1, 2)): every occurrence is appended to the ones before, and
+    `--f="('a','b')" --f="('c',)"` silently gives ('a', 'b', 'c'). Every other flag keeps
+    its last value; rather than guess which of the two a repetition means, it is an error.
+    """
+    names = []
+    for argument in argv[1:]:
+        if argument == '--':  # the rest are positional arguments
+            break
+        if argument.startswith('-'):
+            names.append(argument.lstrip('-').split('=', 1)[0])
+    for name, count in collections.Counter(names).items():
+        if count > 1 and '.' in name and name in flag_values and \
+                isinstance(flag_values[name], flags.MultiFlag):
+            raise ValueError(f'--{name} is given {count} times; give a tuple field once, '
+                             f'whole: --{name}="(\'a\',\'b\')" (repeated, its values would '
+                             f'be joined into one tuple)')
 
 
 def hide_library_info(record: python_logging.LogRecord) -> bool:
