@@ -76,6 +76,8 @@ BAD_SETTINGS = [
     ('train.lr_decay_epochs', (10, 16), 'config.train.lr_decay_epochs must be increasing '
      'epochs in (0, 15] (config.train.num_epochs; "()" for a constant learning rate); got '
      '(10, 16)'),
+    ('train.loss_explosion_factor', 1.0, 'config.train.loss_explosion_factor must be > 1 (a '
+     'finite number); got 1.0'),
     ('seed', -1, 'config.seed must be an integer >= 0; got -1'),
     ('dataset.std', (0.2, 0.0, 0.2), 'config.dataset.std must be 3 numbers > 0 (one per '
      'channel of config.dataset.mean); got (0.2, 0.0, 0.2)'),
