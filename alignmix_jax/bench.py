@@ -20,7 +20,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax.command_line import parse_flags
+from alignmix_jax.command_line import one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -62,9 +62,11 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     import jax
     import jax.numpy as jnp
 
-    from alignmix_jax import alignment, data, mixup, sharding, train, train_step
+    from alignmix_jax import alignment, config_checks, data, mixup, sharding, train, train_step
+    config_checks.validate(config, num_devices=jax.device_count())
     modes = tuple(dict.fromkeys(train.training_modes(config)))  # each once, in order
     dataset = data.load_dataset(config.dataset)
+    config_checks.check_training_set(config, dataset.num_train_examples)
     batch_size = config.train.batch_size
     model = train_step.build_training_model(config, dataset)
     mesh = sharding.make_mesh()
@@ -152,11 +154,14 @@ def format_table(result: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
+    with one_line_errors():
+        from alignmix_jax import config_checks
+        config_checks.validate(FLAGS.config)  # before TensorFlow, the devices or the data
+        import tensorflow as tf
+        tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
 
-    result = benchmark(FLAGS.config, warmup=FLAGS.warmup, repeats=FLAGS.steps,
-                       input_batches=FLAGS.input_batches)
+        result = benchmark(FLAGS.config, warmup=FLAGS.warmup, repeats=FLAGS.steps,
+                           input_batches=FLAGS.input_batches)
     print(format_table(result))
     print(json.dumps(result))
 

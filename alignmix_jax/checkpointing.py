@@ -33,6 +33,24 @@ def save(manager: ocp.CheckpointManager, step: int, state, progress: dict) -> No
         state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
 
 
+def underlying_reason(error: BaseException, max_length: int = 300) -> str:
+    """'Type: first line' of the innermost exception `error` was raised from.
+
+    Orbax wraps TensorStore's errors in an Exception whose message embeds the repr of a bound
+    pybind11 method and a multi-line spec; the error it was raised from says what is wrong
+    (e.g. 'OUT_OF_RANGE: Error reading "params.classifier.kernel/0.0" in OCDBT database ...').
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    line = lines[0]
+    if len(line) > max_length:
+        line = line[:max_length - 3].rstrip() + '...'
+    return f'{type(error).__name__}: {line}'
+
+
 def _unreadable(directory: epath.Path, what: str, reason: str) -> CheckpointError:
     return CheckpointError(
         f'{what} in {directory} is unreadable ({reason}); it is left untouched: move it away to '
@@ -69,10 +87,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, step: int 
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
     except Exception as error:  # orbax raises many types for damaged files
-        reason = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}' if str(error) \
-            else type(error).__name__
+        # Stops orbax's background work, which would otherwise print tracebacks at exit; the
+        # run cannot go on with this checkpoint anyway.
+        manager.close()
         raise _unreadable(directory, f'the checkpoint of step {step}',
-                          f'{reason}; or it was written with a different model config') from error
+                          f'{underlying_reason(error)}; or it was written with a different '
+                          f'model config') from error
     return restored.state, dict(restored.progress), step
 
 
@@ -107,11 +127,10 @@ def restore_variables(workdir: str, abstract_variables: dict, *, step: int | Non
                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
                     partial_restore=True)))
         except Exception as error:  # orbax raises many types for damaged or mismatched files
-            reason = str(error).splitlines()[0][:200] if str(error) else ''
             raise CheckpointError(
                 f'the checkpoint of step {step} in {manager.directory} does not fit the model '
-                f'({type(error).__name__}: {reason}): pass the config and overrides it was '
-                f'trained with') from error
+                f'({underlying_reason(error)}): pass the config and overrides it was trained '
+                f'with') from error
     finally:
         # Stops orbax's background threads, which would otherwise print tracebacks at exit.
         manager.close()

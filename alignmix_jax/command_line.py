@@ -2,18 +2,24 @@
 
     app.run(main, flags_parser=parse_flags)      a bad config override is one clear line
     logging.get_absl_handler().addFilter(hide_library_info)
+    with one_line_errors():                      a mistake in the settings or the data is
+        ...                                      `error: ...` and exit status 1
 """
 
+import collections
+import contextlib
 import logging as python_logging
 
-from absl import flags
+from absl import flags, logging
 
 
 def parse_flags(argv):
     """absl's flag parsing, with one clear line for a bad config override."""
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:  # e.g. a value of the wrong type
+        arguments = flags.FLAGS(argv)
+        check_tuple_fields_given_once(argv)
+        return arguments
+    except (flags.Error, ValueError) as error:  # e.g. a value of the wrong type
         raise SystemExit(f'error: {error}') from None
     except (AttributeError, KeyError) as error:
         # ml_collections reports a field that does not exist as a KeyError (wrapped in an
@@ -26,6 +32,55 @@ def parse_flags(argv):
                          f'configs/default.py') from None
 
 
+def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """ValueError when a tuple field of the config is given more than once.
+
+    ml_collections makes each tuple field an absl MultiFlag (so that `--f=1 --f=2` builds
+    (1, 2)): every occurrence is appended to the ones before, and
+    `--f="('a','b')" --f="('c',)"` silently gives ('a', 'b', 'c'). Every other flag keeps
+    its last value; rather than guess which of the two a repetition means, it is an error.
+    """
+    names = []
+    for argument in argv[1:]:
+        if argument == '--':  # the rest are positional arguments
+            break
+        if argument.startswith('-'):
+            names.append(argument.lstrip('-').split('=', 1)[0])
+    for name, count in collections.Counter(names).items():
+        if count > 1 and '.' in name and name in flag_values and \
+                isinstance(flag_values[name], flags.MultiFlag):
+            raise ValueError(f'--{name} is given {count} times; give a tuple field once, '
+                             f'whole: --{name}="(\'a\',\'b\')" (repeated, its values would '
+                             f'be joined into one tuple)')
+
+
 def hide_library_info(record: python_logging.LogRecord) -> bool:
     """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
     return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user causes through the config, the data or the workdir, each raised with
+    a message that says what to do. ValueError is every setting (config_checks) and every
+    data-dependent size check; WorkdirLockedError, another run in the workdir. Imported late:
+    their modules import JAX and TensorFlow."""
+    from alignmix_jax.checkpointing import CheckpointError
+    from alignmix_jax.data import DatasetError
+    from alignmix_jax.workdir_lock import WorkdirLockedError
+    return (ValueError, CheckpointError, DatasetError, FloatingPointError, WorkdirLockedError)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Turns the user's errors into one `error: <message>` line on stderr and exit status 1.
+
+    The traceback is still logged at debug level (`--verbosity=1` shows it), for the rare
+    ValueError that is a bug rather than a bad setting.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        logging.debug('the error above, with its traceback', exc_info=True)
+        raise SystemExit(f'error: {error}') from None

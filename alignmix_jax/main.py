@@ -14,7 +14,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
@@ -31,28 +31,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logging.get_absl_handler().addFilter(hide_library_info)
-    # TensorFlow only reads data here; keep it off the accelerators JAX uses.
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')
+    with one_line_errors():
+        # The settings first, before TensorFlow, the devices or the data are touched.
+        from alignmix_jax import config_checks
+        config_checks.validate(FLAGS.config)
+        # TensorFlow only reads data here; keep it off the accelerators JAX uses.
+        import tensorflow as tf
+        tf.config.set_visible_devices([], 'GPU')
 
-    import jax
+        import jax
 
-    from alignmix_jax import sharding, train
-    from alignmix_jax.checkpointing import CheckpointError
-    from alignmix_jax.data import DatasetError
+        from alignmix_jax import sharding, train
 
-    try:
         sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
                                       FLAGS.process_id)
-    except ValueError as error:
-        raise SystemExit(f'error: {error}') from None
-    logging.info('Config:\n%s', FLAGS.config)
-    try:
+        logging.info('Config:\n%s', FLAGS.config)
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (CheckpointError, DatasetError, FloatingPointError) as error:
-        # One clear line instead of a traceback: each of these says what to do.
-        logging.error('%s', error)
-        raise SystemExit(f'error: {error}') from None
     if jax.process_index() == 0:
         with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as results_file:
             json.dump(result, results_file, indent=2)

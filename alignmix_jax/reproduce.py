@@ -28,7 +28,7 @@ import os
 
 from absl import app, flags, logging
 
-from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', None, 'The CIFAR-10 image folder (DIR/{train,test}/<class>/).')
@@ -83,14 +83,12 @@ def main(argv):
         command += f' --seeds={",".join(FLAGS.seeds)}'
     if FLAGS.backbone != 'preact_resnet18':
         command += f' --backbone={FLAGS.backbone}'
-    from alignmix_jax.checkpointing import CheckpointError
-    from alignmix_jax.data import DatasetError
+    from alignmix_jax import config_checks
     from alignmix_jax.reproduction_runs import run_all
-    try:
+    with one_line_errors():
+        for method in chosen:  # every run's settings, before the first run trains
+            config_checks.validate(make_config(method), num_devices=jax.device_count())
         run_all(make_config, chosen, seeds, FLAGS.workdir, command=command)
-    except (CheckpointError, DatasetError, FloatingPointError) as error:
-        # One clear line, as the training command gives: each of these says what to do.
-        raise SystemExit(f'error: {error}') from None
     with open(os.path.join(FLAGS.workdir, 'results.md')) as table_file:
         print(table_file.read())
 

@@ -22,7 +22,16 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from alignmix_jax import augmentation, checkpointing, data, evaluation, mixup, sharding
+from alignmix_jax import (
+    augmentation,
+    checkpointing,
+    config_checks,
+    data,
+    evaluation,
+    mixup,
+    sharding,
+    workdir_lock,
+)
 from alignmix_jax.evaluation import classification
 from alignmix_jax.evaluation import common as evaluation_common
 from alignmix_jax.models import encoder_stages
@@ -103,17 +112,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `dataset`: the data, already loaded by `data.load_dataset(config.dataset)`, for
     callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
+    The settings are checked first; the run holds the workdir's lock (one run per workdir).
     """
+    config_checks.validate(config, num_devices=jax.device_count())
+    with workdir_lock.hold(workdir, jax.process_index()):
+        return _train_and_evaluate(config, workdir, dataset)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        dataset: data.Dataset | None) -> dict:
     # Orbax writes only to absolute paths; `--workdir=runs/demo` is relative to the caller.
     workdir = os.path.abspath(workdir)
     modes = training_modes(config)
     if dataset is None:
         dataset = data.load_dataset(config.dataset)
     augmentation.check_device_augmentation(config.dataset, dataset)
+    config_checks.check_training_set(config, dataset.num_train_examples)
     model = build_training_model(config, dataset)
     train_config = config.train
-    steps_per_epoch = data.steps_per_epoch(dataset.num_train_examples,
-                                                     train_config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(dataset.num_train_examples, train_config.batch_size)
     total_steps = train_config.num_epochs * steps_per_epoch
     _, schedule = make_optimizer(train_config, steps_per_epoch)
     mesh = sharding.make_mesh()

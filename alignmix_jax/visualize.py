@@ -31,8 +31,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax import alignment, augmentation, checkpointing, data, mixup
-from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax import alignment, augmentation, config_checks, mixup
+from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 from alignmix_jax.evaluation import common as evaluation_common
 
 matplotlib.use('Agg')  # files only, no display
@@ -364,11 +364,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logging.get_absl_handler().addFilter(hide_library_info)
-    try:
+    with one_line_errors():
+        config_checks.validate(FLAGS.config)
         paths = write_figures(FLAGS.config, FLAGS.workdir, num_pairs=FLAGS.num_pairs,
                               num_lambdas=FLAGS.num_lambdas, seed=FLAGS.seed)
-    except (checkpointing.CheckpointError, data.DatasetError, ValueError) as error:
-        raise SystemExit(f'error: {error}') from None
     for path in paths:
         print(path)
 

@@ -147,6 +147,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every_steps = 100
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
+    # Stop when a step's loss (while still finite) exceeds this factor times the lowest running
+    # median of its mode's last 100 losses (at least 0.01): 1000 is far above any healthy
+    # spike (alignmix_jax/divergence.py says why); a non-finite state or metric always stops.
+    config.train.loss_explosion_factor = 1000.0
 
     # Evaluations (alignmix_jax/evaluation): `python -m alignmix_jax.evaluation.<kind>` reads
     # these options, and `evaluation.make_evaluator(kind, context, config.evals)` passes them to

@@ -50,6 +50,7 @@ Variants:
 - Localisation (14x14 features): --config.model.last_stride=1.
 - A smoke run on a tiny image folder: --config.dataset.name=imagenet_folder
   --config.dataset.data_dir=PATH --config.train.batch_size=8 --config.train.num_epochs=1
+  --config.train.lr_decay_epochs="()"
   --config.model.width=0.125 --config.dataset.image_size=64 --config.dataset.eval_resize=73.
 """
 

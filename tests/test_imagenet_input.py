@@ -490,7 +490,8 @@ def test_main_trains_resnet50_on_an_imagenet_folder(folder, tmp_path):
                f'--config.dataset.data_dir={folder[0]}', '--config.dataset.image_size=64',
                '--config.dataset.eval_resize=73', '--config.model.width=0.125',
                '--config.train.batch_size=6', '--config.train.eval_batch_size=6',
-               '--config.train.num_epochs=2', '--config.train.log_every_steps=1']
+               '--config.train.num_epochs=2', '--config.train.lr_decay_epochs=()',
+               '--config.train.log_every_steps=1']
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
     assert result.returncode == 0, result.stderr[-3000:]

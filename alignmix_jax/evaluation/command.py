@@ -11,8 +11,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from alignmix_jax import checkpointing, data
-from alignmix_jax.command_line import hide_library_info, parse_flags
+from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 from alignmix_jax.evaluation import common
 
 
@@ -56,12 +55,11 @@ def run_command(kind: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
         logging.get_absl_handler().addFilter(hide_library_info)
-        try:
+        with one_line_errors():
+            from alignmix_jax import config_checks
+            config_checks.validate(flags.FLAGS.config)
             _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
                                         flags.FLAGS.step)
-        except (checkpointing.CheckpointError, data.DatasetError,
-                ValueError) as error:
-            raise SystemExit(f'error: {error}') from None
         print(table)
 
     app.run(main, flags_parser=parse_flags)

@@ -26,12 +26,14 @@ from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.vit import PatchTokens, VisionTransformer
 from alignmix_jax.models.wide_resnet import WideResNet
 
-__all__ = ['ENCODERS', 'Classifier', 'MobileNetV2', 'PatchTokens', 'PreActResNet18', 'ResNet50',
+__all__ = ['DECODER_TYPES', 'DTYPES', 'ENCODERS', 'Classifier', 'MobileNetV2', 'PatchTokens',
+           'PreActResNet18', 'ResNet50',
            'SwinTransformer', 'VGG16GAP', 'VisionTransformer', 'WideResNet',
            'build_model', 'build_model_for_dataset', 'encoder_options', 'encoder_stages',
            'has_own_head']
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# config.model.dtype -> the dtype of the network's computations.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def encoder_options(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
@@ -58,9 +60,9 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
     images the decoder D produces, needed only with `config.model.decoder` 'ae' or 'vae'.
     """
     encoder_class(model_config.name)  # fail here, not at the first init, on an unknown name
-    if model_config.dtype not in _DTYPES:
+    if model_config.dtype not in DTYPES:
         raise ValueError(f'unknown model dtype {model_config.dtype!r}; valid dtypes: '
-                         f'{", ".join(_DTYPES)}')
+                         f'{", ".join(DTYPES)}')
     if model_config.decoder not in DECODER_TYPES:
         raise ValueError(f'unknown model.decoder {model_config.decoder!r}; valid: '
                          f'{", ".join(DECODER_TYPES)}')
@@ -89,7 +91,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
         flatten_features=model_config.flatten_features,
         use_head_norm=model_config.head_norm,
         encoder_options=encoder_options(model_config),
-        dtype=_DTYPES[model_config.dtype],
+        dtype=DTYPES[model_config.dtype],
         batch_norm_axis=batch_norm_axis,
     )
 
