@@ -94,7 +94,7 @@ def sample_pairing(key: jax.Array, batch_size: int, alpha: float, *,
     'example': one per pair, shape (batch_size,), as Algorithm 1 writes it in its loop over
     examples (timm's mode='elem'). The permutation is the same either way.
     """
-    check_lambda_per(lambda_per)
+    check_options(lambda_per=lambda_per)
     permutation_key, lam_key = jax.random.split(key)
     permutation = jax.random.permutation(permutation_key, batch_size)
     shape = (batch_size,) if lambda_per == 'example' else ()
@@ -102,10 +102,22 @@ def sample_pairing(key: jax.Array, batch_size: int, alpha: float, *,
     return permutation, lam
 
 
-def check_lambda_per(lambda_per: str) -> None:
+def check_options(*, label_smoothing: float = 0.0, probability: float = 1.0,
+                  off_epoch: int | None = None, lambda_per: str = 'batch') -> None:
+    """Raises a one-line error for a timm option out of range (config.mixup's four fields);
+    the train step can call it once with the config's values before it compiles. Values that
+    are not Python numbers (traced arrays) are left to the caller."""
+    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f'config.mixup.label_smoothing must lie in [0, 1); got '
+                         f'{label_smoothing}')
+    if isinstance(probability, (int, float)) and not 0.0 <= probability <= 1.0:
+        raise ValueError(f'config.mixup.probability must lie in [0, 1]; got {probability}')
+    if off_epoch is not None and off_epoch < 0:
+        raise ValueError(f'config.mixup.off_epoch must be None or an epoch >= 0; got '
+                         f'{off_epoch}')
     if lambda_per not in LAMBDA_PER:
-        raise ValueError(f"config.mixup.lambda_per must be one of {LAMBDA_PER}; got "
-                         f"{lambda_per!r}")
+        raise ValueError(f'config.mixup.lambda_per must be one of {LAMBDA_PER}; got '
+                         f'{lambda_per!r}')
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -115,8 +127,7 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) 
     targets of a mixup mode mix these (Eq. 1), as timm's Mixup smooths before it mixes. With
     s = 0 they are exactly the one-hot labels.
     """
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f'config.mixup.label_smoothing must lie in [0, 1); got {smoothing}')
+    check_options(label_smoothing=smoothing)
     off_value = smoothing / num_classes
     on_value = 1.0 - smoothing + off_value
     is_label = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
@@ -137,11 +148,7 @@ def scheduled_mode(mode: str, *, seed: int, step: int, epoch: int, probability: 
     the compiled step, chosen on the host before it runs. 'clean' (AlignMixup/AE's
     reconstruction) and 'none' mix nothing and are returned as they are.
     """
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f'config.mixup.probability must lie in [0, 1]; got {probability}')
-    if off_epoch is not None and off_epoch < 0:
-        raise ValueError(f'config.mixup.off_epoch must be None or an epoch >= 0; got '
-                         f'{off_epoch}')
+    check_options(probability=probability, off_epoch=off_epoch)
     if mode in (NO_MIXUP_MODE, CLEAN_MODE):
         return mode
     if off_epoch is not None and epoch >= off_epoch:

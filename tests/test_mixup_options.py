@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from alignmix_jax import alignment, mixup
+from configs import default
 
 
 class Tokens(NamedTuple):  # a transformer's (grid, class token), as models.vit.PatchTokens
@@ -161,7 +162,6 @@ def test_lambda_values_do_not_recompile():
     lams = [mixed_batch(jax.random.PRNGKey(seed), features)[2] for seed in range(5)]
     assert len({np.asarray(lam).tobytes() for lam in lams}) == 5
     assert len(traces) == 1
-    assert mixed_batch._cache_size() == 1
 
     @jax.jit
     def mixed_with(lam):
@@ -221,3 +221,21 @@ def test_schedule_keeps_the_modes_that_mix_nothing():
 def test_bad_schedule_settings_are_one_clear_error(settings, field):
     with pytest.raises(ValueError, match=f'config.mixup.{field} must'):
         mixup.scheduled_mode('input', seed=0, step=1, epoch=0, **settings)
+
+
+def test_the_config_defaults_are_neutral_and_valid():
+    options = default.get_config().mixup
+    values = dict(label_smoothing=options.label_smoothing, probability=options.probability,
+                  off_epoch=options.off_epoch, lambda_per=options.lambda_per)
+    assert values == dict(label_smoothing=0.0, probability=1.0, off_epoch=None,
+                          lambda_per='batch')
+    mixup.check_options(**values)
+    mixup.check_options(label_smoothing=0.1, probability=0.5, off_epoch=3, lambda_per='example')
+
+
+@pytest.mark.parametrize('settings, field', [
+    (dict(label_smoothing=1.0), 'label_smoothing'), (dict(probability=2), 'probability'),
+    (dict(off_epoch=-2), 'off_epoch'), (dict(lambda_per='elem'), 'lambda_per')])
+def test_check_options_names_the_field(settings, field):
+    with pytest.raises(ValueError, match=f'^config.mixup.{field} must'):
+        mixup.check_options(**settings)
