@@ -11,7 +11,8 @@ or fail deep inside a library after compiling (0 Sinkhorn iterations) stops here
 
 Fields that only some configs have (e.g. `dataset.image_size`, `evals.localization`) are
 checked when present; an unset optional field (None) is not checked. The colour jitter and
-rotation ranges are checked by the augmentation itself (alignmix_jax.augmentation), at the first trace.
+rotation ranges are checked by the augmentation itself (alignmix_jax.augmentation), at the
+first trace.
 """
 
 import math

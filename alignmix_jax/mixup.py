@@ -18,8 +18,11 @@ the patch tokens at their grid positions (b, h, w, c) and the class token (b, c)
 `mix_features` aligns the grid and mixes the class token linearly.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alignmix_jax import alignment
 
@@ -47,6 +50,10 @@ CUTMIX_MODE = 'cutmix'
 HIDDEN_MODES = ('hidden1', 'hidden2', 'hidden3')
 BASELINE_MODES = (NO_MIXUP_MODE, CUTMIX_MODE) + HIDDEN_MODES
 ALL_MODES = MODES + TENSOR_EMBEDDING_MODES + BASELINE_MODES + (CLEAN_MODE,)
+# One lambda per batch, or one per pair (config.mixup.lambda_per).
+LAMBDA_PER = ('batch', 'example')
+# Stream tag of the per-batch draw of config.mixup.probability (see scheduled_mode).
+_PROBABILITY_STREAM = 0x70726F62
 
 
 def hidden_stage(mode: str) -> int:
@@ -84,20 +91,93 @@ def validate_modes(modes, *, with_decoder: bool = False,
     return modes
 
 
-def sample_pairing(key: jax.Array, batch_size: int, alpha: float):
-    """Algorithm 1, lines 1 and 9: a random permutation of the batch and lambda ~ Beta(a, a)."""
+def sample_pairing(key: jax.Array, batch_size: int, alpha: float, *,
+                   lambda_per: str = 'batch'):
+    """Algorithm 1, lines 1 and 9: a random permutation of the batch and lambda ~ Beta(a, a).
+
+    `lambda_per` 'batch': one lambda for the whole batch, shape () (the public code's choice);
+    'example': one per pair, shape (batch_size,), as Algorithm 1 writes it in its loop over
+    examples (timm's mode='elem'). The permutation is the same either way.
+    """
+    check_options(lambda_per=lambda_per)
     permutation_key, lam_key = jax.random.split(key)
     permutation = jax.random.permutation(permutation_key, batch_size)
-    lam = jax.random.beta(lam_key, alpha, alpha)
+    shape = (batch_size,) if lambda_per == 'example' else ()
+    lam = jax.random.beta(lam_key, alpha, alpha, shape)
     return permutation, lam
+
+
+def check_options(*, label_smoothing: float = 0.0, probability: float = 1.0,
+                  off_epoch: int | None = None, lambda_per: str = 'batch') -> None:
+    """Raises a one-line error for a timm option out of range (config.mixup's four fields);
+    the train step can call it once with the config's values before it compiles. Values that
+    are not Python numbers (traced arrays) are left to the caller."""
+    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f'config.mixup.label_smoothing must lie in [0, 1); got '
+                         f'{label_smoothing}')
+    if isinstance(probability, (int, float)) and not 0.0 <= probability <= 1.0:
+        raise ValueError(f'config.mixup.probability must lie in [0, 1]; got {probability}')
+    if off_epoch is not None and off_epoch < 0:
+        raise ValueError(f'config.mixup.off_epoch must be None or an epoch >= 0; got '
+                         f'{off_epoch}')
+    if lambda_per not in LAMBDA_PER:
+        raise ValueError(f'config.mixup.lambda_per must be one of {LAMBDA_PER}; got '
+                         f'{lambda_per!r}')
+
+
+def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
+    """Integer labels (b,) to float32 targets (b, num_classes), label-smoothed as timm does it.
+
+    1 - s + s/k at the label and s/k elsewhere (k = num_classes, s = `smoothing`); the soft
+    targets of a mixup mode mix these (Eq. 1), as timm's Mixup smooths before it mixes. With
+    s = 0 they are exactly the one-hot labels.
+    """
+    check_options(label_smoothing=smoothing)
+    off_value = smoothing / num_classes
+    on_value = 1.0 - smoothing + off_value
+    is_label = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+    return jnp.where(is_label, jnp.float32(on_value), jnp.float32(off_value))
+
+
+def scheduled_mode(mode: str, *, seed: int, step: int, epoch: int, probability: float = 1.0,
+                   off_epoch: int | None = None) -> str:
+    """The mode step `step` (in 0-based epoch `epoch`) trains with: `mode`, or 'none' (clean
+    images, the hard or smoothed labels) when this batch is not mixed.
+
+    timm's Mixup options: from epoch `off_epoch` on no batch is mixed (mixup_off_epoch; None:
+    never off), and before it a batch is mixed with probability `probability` (prob), one
+    draw per batch. The draw is a function of (seed, step) alone, from a stream of its own,
+    so a resumed run draws what the uninterrupted run drew, and the other per-step draws
+    (the mode, the pairing) are the same with and without the option. A host-side numpy draw
+    rather than one from the step's device key, because the mode is a static argument of
+    the compiled step, chosen on the host before it runs. 'clean' (AlignMixup/AE's
+    reconstruction) and 'none' mix nothing and are returned as they are.
+    """
+    check_options(probability=probability, off_epoch=off_epoch)
+    if mode in (NO_MIXUP_MODE, CLEAN_MODE):
+        return mode
+    if off_epoch is not None and epoch >= off_epoch:
+        return NO_MIXUP_MODE
+    if probability < 1.0 and np.random.default_rng(
+            [seed, _PROBABILITY_STREAM, step]).random() >= probability:
+        return NO_MIXUP_MODE
+    return mode
+
+
+def _broadcast_lambda(lam, like: jax.Array) -> jax.Array:
+    """lambda in the dtype of `like`, shaped to broadcast over its trailing axes: one per batch
+    (shape ()) or one per example (shape (b,), against `like` of shape (b, ...))."""
+    mixing = jnp.asarray(lam, like.dtype)
+    return mixing.reshape(mixing.shape + (1,) * (like.ndim - mixing.ndim))
 
 
 def mix(u, v, lam: jax.Array):
     """Eq. (2): mix_lambda(u, v) = lambda u + (1 - lambda) v, in the dtype of `u`; arrays, or
-    pytrees of arrays (tokens) mixed part by part."""
+    pytrees of arrays (tokens) mixed part by part. `lam` is one lambda (shape ()) or one per
+    example (shape (b,) for arrays of shape (b, ...)); traced, so no value recompiles."""
 
     def mix_array(u, v):
-        mixing = jnp.asarray(lam, u.dtype)
+        mixing = _broadcast_lambda(lam, u)
         return mixing * u + (1 - mixing) * v
 
     return jax.tree.map(mix_array, u, v)
@@ -112,7 +192,10 @@ def pair(values, permutation: jax.Array, *, swap: bool = False):
 
 def mixed_targets(one_hot: jax.Array, permutation: jax.Array, lam: jax.Array, *,
                   swap: bool = False) -> jax.Array:
-    """Eq. (1): the soft target mix_lambda(y, y') of the pair (y, y') (swapped for feat')."""
+    """Eq. (1): the soft target mix_lambda(y, y') of the pair (y, y') (swapped for feat').
+
+    `one_hot`: the targets of the clean labels, (b, k), one-hot or label-smoothed
+    (`smooth_one_hot`); `lam` one per batch or one per pair, as for `mix`."""
     return mix(*pair(one_hot, permutation, swap=swap), lam)
 
 
@@ -123,7 +206,8 @@ def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
     Without swap, A is mixed with A aligned to A' (Eq. 12); with swap, the pair is swapped
     first (Algorithm 1, line 17), so A' is mixed with A' aligned to A (Eq. 13). Returns the
     mixed tensor and the transport plans (b, r, r), or None when `align` is False (the
-    unaligned rows of the paper's Table 8 mix A and A' directly).
+    unaligned rows of the paper's Table 8 mix A and A' directly). `lam` is one per batch or
+    one per pair (b,), pair i mixed with its own lambda (the plans do not depend on it).
 
     A transformer's tokens (grid, class token): the patch tokens are A, aligned and mixed as
     above (r = the number of patches, one plan per pair), and the class token, which has no
@@ -148,15 +232,31 @@ def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
 def cutmix(key: jax.Array, images: jax.Array, permutation: jax.Array, lam: jax.Array):
     """CutMix (Yun et al., 2019, Eq. 1-2): a box of x' pasted into x; returns (images, lambda).
 
-    One box for the whole batch, as one lambda: sides round(H sqrt(1 - lambda)) and
-    round(W sqrt(1 - lambda)) (area about (1 - lambda) H W), centred at a uniformly drawn pixel
-    and clipped at the image border. The returned lambda is 1 - (clipped box area) / (H W), the
-    share of x that is left, so that the labels mix_lambda(y, y') (Eq. 1) weigh each image by
-    the pixels it shows, as Yun et al. correct it. `images` (b, h, w, c) in any dtype.
+    With one lambda (shape ()), one box for the whole batch: sides round(H sqrt(1 - lambda))
+    and round(W sqrt(1 - lambda)) (area about (1 - lambda) H W), centred at a uniformly drawn
+    pixel and clipped at the image border. With one lambda per pair (shape (b,)), each pair
+    gets its own box, sized by its lambda and placed by its own draw (timm's mode='elem').
+    The returned lambda (of the same shape) is 1 - (clipped box area) / (H W), the share of x
+    that is left, so that the labels mix_lambda(y, y') (Eq. 1) weigh each image by the pixels
+    it shows, as Yun et al. correct it. `images` (b, h, w, c) in any dtype.
     """
     height, width = images.shape[1:3]
+    lam = jnp.asarray(lam, jnp.float32)
+    if lam.ndim == 0:
+        in_box, kept_share = _cutmix_box(key, lam, height, width)
+        in_box = in_box[None]
+    else:
+        boxes = functools.partial(_cutmix_box, height=height, width=width)
+        in_box, kept_share = jax.vmap(boxes)(jax.random.split(key, lam.shape[0]), lam)
+    images, partners = pair(images, permutation)
+    mixed = jnp.where(in_box[..., None], partners, images)
+    return mixed, kept_share
+
+
+def _cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int):
+    """One CutMix box for a scalar lambda: its (h, w) mask and the share of pixels outside it."""
     row_key, column_key = jax.random.split(key)
-    side = jnp.sqrt(1.0 - jnp.asarray(lam, jnp.float32))
+    side = jnp.sqrt(1.0 - lam)
     box_height = jnp.round(height * side).astype(jnp.int32)
     box_width = jnp.round(width * side).astype(jnp.int32)
     centre_row = jax.random.randint(row_key, (), 0, height)
@@ -168,7 +268,5 @@ def cutmix(key: jax.Array, images: jax.Array, permutation: jax.Array, lam: jax.A
     rows, columns = jnp.arange(height), jnp.arange(width)
     in_box = (((rows >= top) & (rows < bottom))[:, None]
               & ((columns >= left) & (columns < right))[None, :])
-    images, partners = pair(images, permutation)
-    mixed = jnp.where(in_box[None, :, :, None], partners, images)
     kept_share = 1.0 - ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
-    return mixed, kept_share
+    return in_box, kept_share

@@ -115,6 +115,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.cutmix_probability = 0.0
     # CutMix's own lambda ~ Beta(cutmix_alpha, cutmix_alpha) in those batches (None: alpha).
     config.mixup.cutmix_alpha = config_dict.placeholder(float)
+    # The options of timm.data.Mixup, off or neutral by default (README: "Mixup options").
+    # Smoothing s of the labels before they are mixed: 1 - s + s/k on the class, s/k
+    # elsewhere (timm's label_smoothing).
+    config.mixup.label_smoothing = 0.0
+    # The chance that a batch is mixed at all; the others train as the 'none' mode, clean
+    # images and (smoothed) labels (timm's prob, one draw per batch).
+    config.mixup.probability = 1.0
+    # From this (0-based) epoch on no batch is mixed (timm's mixup_off_epoch; None: never).
+    config.mixup.off_epoch = config_dict.placeholder(int)
+    # 'batch': one lambda per batch (the public code); 'example': one per pair, as Algorithm 1
+    # writes it (timm's mode='elem'); CutMix then pastes one box per pair.
+    config.mixup.lambda_per = 'batch'
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128
