@@ -231,8 +231,12 @@ def partner_share(plan: jax.Array, partner: jax.Array) -> jax.Array:
         has no counterpart in `b` (shifted out of the frame); those are left out of the mean.
 
     Returns:
-      (...) float32: the mean over positions i with a partner of R[i, partner[i]], R = r P.
-      1 when every position sends all its mass to its partner; 1/r for a uniform plan.
+      (...) float32: the mean over positions i with a partner of P[i, partner[i]] / sum_j
+      P[i, j], the share of the mass position i sends that reaches its partner (R[i,
+      partner[i]] once the row sums have converged to 1/r; divided by the row's own mass so
+      that an unconverged plan, whose rows carry up to several times 1/r, still gives a share
+      in [0, 1]). 1 when every position sends all its mass to its partner; 1/r for a uniform
+      plan.
     """
     num_positions = plan.shape[-1]
     partner = jnp.asarray(partner, jnp.int32)
@@ -240,7 +244,9 @@ def partner_share(plan: jax.Array, partner: jax.Array) -> jax.Array:
         raise ValueError(f'partner_share needs a plan (..., r, r) and partners (r,); got '
                          f'{plan.shape} and {partner.shape}')
     has_partner = partner >= 0
-    # Row i of R is where position i of `a` sends its mass; pick the entry of its partner.
-    on_partner = (num_positions * plan.astype(jnp.float32))[
-        ..., jnp.arange(num_positions), jnp.where(has_partner, partner, 0)]
+    # Row i is where position i of `a` sends its mass; the share of it on the partner's entry.
+    plan = plan.astype(jnp.float32)
+    row_mass = jnp.maximum(jnp.sum(plan, axis=-1), jnp.finfo(jnp.float32).tiny)
+    on_partner = plan[..., jnp.arange(num_positions),
+                      jnp.where(has_partner, partner, 0)] / row_mass
     return jnp.sum(jnp.where(has_partner, on_partner, 0.0), axis=-1) / jnp.sum(has_partner)

@@ -290,11 +290,17 @@ def test_partner_share_of_known_plans():
     # Position 0 sends 3/4 of its mass to its partner, positions 1-3 all of it.
     blurred = exact.copy()
     blurred[0] = [0.0, 0.0, 0.75 / r, 0.25 / r]
-    plans = np.stack([exact, uniform, blurred])
+    # Unconverged rows: position 0 sends 2/r, half of it to its partner; position 1 sends 0.2/r,
+    # all of it to its partner; the share is of each row's own mass, not of 1/r.
+    unconverged = exact.copy()
+    unconverged[0] = [0.0, 0.0, 1.0 / r, 1.0 / r]
+    unconverged[1] = [0.2 / r, 0.0, 0.0, 0.0]
+    plans = np.stack([exact, uniform, blurred, unconverged])
     np.testing.assert_allclose(alignment.partner_share(plans, permutation),
-                               [1.0, 1.0 / r, (0.75 + 3) / 4], rtol=1e-6)
+                               [1.0, 1.0 / r, (0.75 + 3) / 4, (0.5 + 3) / 4], rtol=1e-6)
     # -1: no partner, left out of the mean (position 0 only has the blurred row).
     np.testing.assert_allclose(
-        alignment.partner_share(plans, np.array([-1, 0, 3, 1])), [1.0, 1.0 / r, 1.0], rtol=1e-6)
+        alignment.partner_share(plans, np.array([-1, 0, 3, 1])), [1.0, 1.0 / r, 1.0, 1.0],
+        rtol=1e-6)
     with pytest.raises(ValueError, match='partner_share needs'):
         alignment.partner_share(plans, permutation[:3])

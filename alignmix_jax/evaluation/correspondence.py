@@ -14,9 +14,11 @@ of each cell of A on the cell of A' that shows the same part of the image:
   have no partner and are not counted.
 
 Reported over a fixed subset of the test set (`num_examples`): the share of R's mass on the true
-partner cell, averaged over cells and images (`alignment.partner_share`), the share it leaves on
-the same cell (where an alignment that ignored content, R = I, would put all of it), the mean
-marginal error of the plans, and chance, 1/r: a plan that knew nothing (uniform R). The plans
+partner cell, averaged over cells and images (`alignment.partner_share`: a share of the mass
+each cell sends, so that unconverged plans, whose rows carry more or less than 1/r, give shares
+in [0, 1] too), the share it leaves on the same cell (where an alignment that ignored content,
+R = I, would put all of it), the mean marginal error of the plans, and chance, 1/r: a plan
+that knew nothing (uniform R). The plans
 use the run's own `mixup.epsilon`, `mixup.sinkhorn_iters` and `mixup.cost_scale`, on the
 feature tensor A = F(x) of the model in eval mode, as the training step aligns it.
 """
