@@ -18,6 +18,13 @@ AlignMixup loop rather than ott's defaults:
 
 No gradient flows through the plan: it is computed from stopped inputs and stopped again on
 output, so gradients of `align` reach A' only through the features it combines.
+
+Beyond the paper, `cost_scale='mean'` or `'max'` divides each pair's cost by its mean (or largest)
+entry before Sinkhorn, so that epsilon is relative to the scale of the cost rather than
+absolute. On trained features the squared distances are in the hundreds or thousands, and at an
+absolute 0.1 a hundred iterations leave positions with several times their mass; relative to
+the cost, the same hundred iterations reach doubly stochastic plans. The default, 'none', is the
+paper's absolute epsilon on the unscaled cost.
 """
 
 import functools
@@ -31,6 +38,8 @@ from ott.solvers.linear import sinkhorn
 # A threshold no marginal error can fall below. With min_iterations == max_iterations ott runs a
 # fixed-length scan and never consults it; it is negative so that would stay true if it did.
 _NEVER_CONVERGED = -1.0
+# 'none': the paper's absolute epsilon; 'mean', 'max': epsilon relative to that entry of the cost.
+COST_SCALES = ('none', 'mean', 'max')
 
 
 def _positions(features: jax.Array) -> jax.Array:
@@ -72,14 +81,26 @@ def _sinkhorn_solver(num_iters: int) -> sinkhorn.Sinkhorn:
     )
 
 
+def _cost_divisor(cost: jax.Array, cost_scale: str) -> jax.Array | float:
+    """What the unshifted cost of one pair is divided by: 1.0, its mean or its largest entry."""
+    if cost_scale == 'none':
+        return 1.0
+    scale = jnp.mean(cost) if cost_scale == 'mean' else jnp.max(cost)
+    # All positions of both tensors equal (e.g. all-zero features): the cost is 0, and so is
+    # every plan's; dividing by 1 keeps the plan uniform instead of NaN.
+    return jnp.where(scale > 0, scale, 1.0)
+
+
 def _plan_for_one_pair(a_positions: jax.Array, b_positions: jax.Array, *, epsilon: float,
-                       num_iters: int) -> jax.Array:
+                       num_iters: int, cost_scale: str = 'none') -> jax.Array:
     """(r, c), (r, c) -> (r, r) plan of Eq. (9), P[i, j] coupling a_i with b_j."""
     num_positions = a_positions.shape[0]
     # ott updates its column potential g before its row potential f in each iteration, while the
     # public AlignMixup code updates the potential over A's positions first. So ott solves the
     # transposed problem: its rows are A''s positions and its columns A's, cost M^T.
     cost_b_by_a = _squared_distances(b_positions, a_positions)
+    # Taken before the shift below: the scale of the cost as Eq. (7) defines it.
+    cost_divisor = _cost_divisor(cost_b_by_a, cost_scale)
     # Subtracting from each of A's positions its smallest cost leaves every Sinkhorn iterate's
     # plan unchanged in exact arithmetic: the first update of each iteration is the one over A's
     # positions, and it recomputes that potential from scratch, absorbing any shift that depends
@@ -93,7 +114,9 @@ def _plan_for_one_pair(a_positions: jax.Array, b_positions: jax.Array, *, epsilo
         # deviation of the cost, and relative_epsilon would rescale 0.1 the same way.
         epsilon=epsilon,
         relative_epsilon=None,
-        scale_cost=1.0,
+        # 1.0 (the paper's unscaled cost) unless cost_scale asks for a relative epsilon; ott
+        # divides the cost by it, so epsilon then applies to cost / divisor.
+        scale_cost=cost_divisor,
     )
     # Eq. (8): uniform marginals, every position carries mass 1/r.
     uniform = jnp.full((num_positions,), 1.0 / num_positions, dtype=jnp.float32)
@@ -104,9 +127,9 @@ def _plan_for_one_pair(a_positions: jax.Array, b_positions: jax.Array, *, epsilo
 
 # Jitted so eager callers (visualisation, tests) compile the solver once per shape instead of
 # tracing ott's loop on every call; inside a caller's jit it is simply inlined.
-@functools.partial(jax.jit, static_argnames=('num_iters',))
+@functools.partial(jax.jit, static_argnames=('num_iters', 'cost_scale'))
 def transport_plan(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
-                   num_iters: int = 100) -> jax.Array:
+                   num_iters: int = 100, cost_scale: str = 'none') -> jax.Array:
     """The entropic transport plan between the positions of `a` and those of `b` (Eq. 7-9).
 
     Args:
@@ -114,6 +137,9 @@ def transport_plan(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
       b: features of the same shape as `a`.
       epsilon: absolute entropic regularisation on the unscaled squared Euclidean cost.
       num_iters: the exact number of Sinkhorn iterations (each a row then a column update).
+      cost_scale: 'none' (the paper: `epsilon` absolute), or 'mean' / 'max': each pair's cost
+        divided by its mean / largest entry first, so `epsilon` is relative to the cost's scale
+        and the plan converges within ~100 iterations at any feature scale (beyond the paper).
 
     Returns:
       float32 plan of shape (..., r, r), r = h*w with positions flattened row-major, where
@@ -126,13 +152,16 @@ def transport_plan(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
                          f'and {b.shape}')
     if a.ndim < 3:
         raise ValueError(f'transport_plan needs features of shape (..., h, w, c); got {a.shape}')
+    if cost_scale not in COST_SCALES:
+        raise ValueError(f'cost_scale must be one of {COST_SCALES}, got {cost_scale!r}')
     leading = a.shape[:-3]
     a_positions = _positions(jax.lax.stop_gradient(a).astype(jnp.float32))
     b_positions = _positions(jax.lax.stop_gradient(b).astype(jnp.float32))
     num_positions, channels = a_positions.shape[-2:]
     # One vmap over all leading dimensions flattened into one: batch shapes (), (B,), (B1, B2)
     # all become (N,).
-    solve = functools.partial(_plan_for_one_pair, epsilon=epsilon, num_iters=num_iters)
+    solve = functools.partial(_plan_for_one_pair, epsilon=epsilon, num_iters=num_iters,
+                              cost_scale=cost_scale)
     plans = jax.vmap(solve)(a_positions.reshape(-1, num_positions, channels),
                             b_positions.reshape(-1, num_positions, channels))
     return jax.lax.stop_gradient(plans.reshape(*leading, num_positions, num_positions))
@@ -163,7 +192,8 @@ def apply_plan(plan: jax.Array, b: jax.Array) -> jax.Array:
     return combined.reshape(*leading, height, width, channels).astype(b.dtype)
 
 
-def align(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1, num_iters: int = 100) -> jax.Array:
+def align(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1, num_iters: int = 100,
+          cost_scale: str = 'none') -> jax.Array:
     """`a` aligned to `b` (Eq. 10; Eq. 11 is `align(b, a)`), same shape as `a`, dtype of `b`.
 
     At each position i of `a`: sum_j R[i, j] b_j, with R = r P and P = transport_plan(a, b).
@@ -171,7 +201,7 @@ def align(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1, num_iters: int = 
     no gradient from the result. Callers that also need the plan (e.g. to log
     `marginal_error`) should call `transport_plan` and `apply_plan` to solve only once.
     """
-    plan = transport_plan(a, b, epsilon=epsilon, num_iters=num_iters)
+    plan = transport_plan(a, b, epsilon=epsilon, num_iters=num_iters, cost_scale=cost_scale)
     return apply_plan(plan, b)
 
 
@@ -275,3 +305,34 @@ def public_transport_plan(a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
                                          threshold=threshold)
     plans = plans.reshape(*leading, num_positions, num_positions)
     return jax.lax.stop_gradient(plans), iterations
+
+
+def partner_share(plan: jax.Array, partner: jax.Array) -> jax.Array:
+    """The share of R's mass on each position's true partner, averaged over the positions.
+
+    Args:
+      plan: (..., r, r) plan between `a` and `b`, as returned by `transport_plan(a, b)`.
+      partner: (r,) int, partner[i] the position of `b` that truly corresponds to position i
+        of `a` (e.g. its mirror image when `b` shows `a` flipped), or -1 where `a`'s position
+        has no counterpart in `b` (shifted out of the frame); those are left out of the mean.
+
+    Returns:
+      (...) float32: the mean over positions i with a partner of P[i, partner[i]] / sum_j
+      P[i, j], the share of the mass position i sends that reaches its partner (R[i,
+      partner[i]] once the row sums have converged to 1/r; divided by the row's own mass so
+      that an unconverged plan, whose rows carry up to several times 1/r, still gives a share
+      in [0, 1]). 1 when every position sends all its mass to its partner; 1/r for a uniform
+      plan.
+    """
+    num_positions = plan.shape[-1]
+    partner = jnp.asarray(partner, jnp.int32)
+    if plan.shape[-2:] != (num_positions, num_positions) or partner.shape != (num_positions,):
+        raise ValueError(f'partner_share needs a plan (..., r, r) and partners (r,); got '
+                         f'{plan.shape} and {partner.shape}')
+    has_partner = partner >= 0
+    # Row i is where position i of `a` sends its mass; the share of it on the partner's entry.
+    plan = plan.astype(jnp.float32)
+    row_mass = jnp.maximum(jnp.sum(plan, axis=-1), jnp.finfo(jnp.float32).tiny)
+    on_partner = plan[..., jnp.arange(num_positions),
+                      jnp.where(has_partner, partner, 0)] / row_mass
+    return jnp.sum(jnp.where(has_partner, on_partner, 0.0), axis=-1) / jnp.sum(has_partner)

@@ -200,7 +200,8 @@ def mixed_targets(one_hot: jax.Array, permutation: jax.Array, lam: jax.Array, *,
 
 
 def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
-                 swap: bool, align: bool, epsilon: float, num_iters: int):
+                 swap: bool, align: bool, epsilon: float, num_iters: int,
+                 cost_scale: str = 'none'):
     """Mixes the feature tensors A (b, h, w, c) of each pair, aligned or not.
 
     Without swap, A is mixed with A aligned to A' (Eq. 12); with swap, the pair is swapped
@@ -212,21 +213,42 @@ def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
     A transformer's tokens (grid, class token): the patch tokens are A, aligned and mixed as
     above (r = the number of patches, one plan per pair), and the class token, which has no
     position, is mixed linearly (Eq. 2); returned as the same kind of pair.
+
+    `cost_scale` is `alignment.transport_plan`'s ('none': the paper's absolute epsilon).
     """
     if isinstance(features, tuple):
         grid, class_token = features
         mixed_grid, plan = mix_features(grid, permutation, lam, swap=swap, align=align,
-                                        epsilon=epsilon, num_iters=num_iters)
+                                        epsilon=epsilon, num_iters=num_iters,
+                                        cost_scale=cost_scale)
         mixed_class_token = (None if class_token is None
                              else mix(*pair(class_token, permutation, swap=swap), lam))
         return type(features)(mixed_grid, mixed_class_token), plan
     anchor, partner = pair(features, permutation, swap=swap)
     if not align:
         return mix(anchor, partner, lam), None
-    plan = alignment.transport_plan(anchor, partner, epsilon=epsilon, num_iters=num_iters)
+    plan = alignment.transport_plan(anchor, partner, epsilon=epsilon, num_iters=num_iters,
+                                    cost_scale=cost_scale)
     # Eq. (10): the anchor aligned to its partner, A~ = A' R^T (no gradient through the plan).
     aligned_partner = alignment.apply_plan(plan, partner)
     return mix(anchor, aligned_partner, lam), plan
+
+
+def alignment_effect(aligned_embeddings: jax.Array, unaligned_embeddings: jax.Array
+                     ) -> jax.Array:
+    """How much alignment changes what g sees: mean over pairs of ||e_a - e_u|| / ||e_u||.
+
+    `aligned_embeddings` are f of each pair's features mixed with alignment (Eq. 12 or 13),
+    `unaligned_embeddings` f of the same pair mixed without it, same lambda, both (b, d); a
+    scalar in float32. Exactly 0 behind an f that averages A linearly (pooling then a linear
+    layer): R's columns sum to one, so the spatial mean of A' R^T is that of A'.
+    """
+    aligned = aligned_embeddings.astype(jnp.float32).reshape(aligned_embeddings.shape[0], -1)
+    unaligned = unaligned_embeddings.astype(jnp.float32).reshape(aligned.shape)
+    change = jnp.linalg.norm(aligned - unaligned, axis=-1)
+    # An all-zero e_unaligned (e.g. all ReLUs off) gives 0 / tiny, not NaN, when e_aligned is 0.
+    size = jnp.maximum(jnp.linalg.norm(unaligned, axis=-1), jnp.finfo(jnp.float32).tiny)
+    return jnp.mean(change / size)
 
 
 def cutmix(key: jax.Array, images: jax.Array, permutation: jax.Array, lam: jax.Array):

@@ -110,6 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.alpha = 2.0  # lambda ~ Beta(alpha, alpha)
     config.mixup.epsilon = 0.1  # entropic regularisation of Eq. (9), absolute
     config.mixup.sinkhorn_iters = 100
+    # 'none': the paper (epsilon absolute on the unscaled cost). 'mean' or 'max' (beyond the
+    # paper): each pair's cost divided by its mean / largest entry first, so epsilon is relative
+    # to the cost's scale and 100 iterations give doubly stochastic plans on trained features.
+    config.mixup.cost_scale = 'none'
     # AlignMix + CutMix (beyond the paper): each batch is a CutMix batch with this probability
     # (0.5 in the reproduction report), else a mode drawn from `modes` as usual. 0: off.
     config.mixup.cutmix_probability = 0.0
@@ -194,4 +198,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.evals.ood.seed = 0  # the noise images
     config.evals.ood.resize = 'crop'  # 'crop' (centre crop) or 'resize', for image sources
     config.evals.ood.data_dir = config_dict.placeholder(str)  # tfds data_dir of tfds sources
+    # Correspondences that can be checked: the share of R's mass on the true partner cell for
+    # x against x flipped left-right and x shifted by `shift_cells` cells of A (plans with the
+    # config's mixup.epsilon, sinkhorn_iters and cost_scale), on a fixed subset of the test set.
+    config.evals.correspondence = ml_collections.ConfigDict()
+    config.evals.correspondence.batch_size = 0
+    config.evals.correspondence.num_examples = 500  # 0: the whole test set
+    config.evals.correspondence.shift_cells = 1
     return config

@@ -1,6 +1,7 @@
 """Transport plan and alignment (Eq. 7-10) against an independent float64 Sinkhorn."""
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,84 @@ def test_mismatched_shapes_are_rejected():
     a, b = feature_pair(1.0, batch=2)
     with pytest.raises(ValueError, match='equal shapes'):
         alignment.transport_plan(a, b[:, :2])
+
+
+# SHA-256 of the float32 bytes of transport_plan(*feature_pair(scale, batch=2)) with the default
+# arguments, computed at commit 9f5e781, before the cost_scale option existed (CPU, jax 0.10.2,
+# ott-jax 0.6.0): the default must stay the paper's plan bit for bit.
+PLAN_SHA256_BEFORE_COST_SCALE = {
+    1.0: 'dbf9cd85177ee1825faf42c9bd812b8710c40a2fd94af8c5285c77ff7e4e8f6d',
+    1000.0: '733f448a490064dae5d66b9121a99ecd872cfd8e5b3598135cd7c0f32b3eeefd',
+}
+
+
+@pytest.mark.parametrize('cost_scale', [1.0, 1000.0])
+def test_default_plan_is_bit_for_bit_unchanged(cost_scale):
+    a, b = feature_pair(cost_scale, batch=2)
+    plan = np.asarray(alignment.transport_plan(a, b))
+    assert hashlib.sha256(plan.tobytes()).hexdigest() == PLAN_SHA256_BEFORE_COST_SCALE[cost_scale]
+    np.testing.assert_array_equal(alignment.transport_plan(a, b, cost_scale='none'), plan)
+
+
+@pytest.mark.parametrize('relative_to', ['mean', 'max'])
+@pytest.mark.parametrize('cost_scale', [1.0, 100.0, 1000.0])
+def test_relative_epsilon_converges_at_any_cost_scale(relative_to, cost_scale):
+    a, b = feature_pair(cost_scale)
+    plan = alignment.transport_plan(a, b, num_iters=100, cost_scale=relative_to)
+    assert float(jnp.max(alignment.marginal_error(plan))) < 0.01
+    if cost_scale == 1000.0:
+        # Where the paper's absolute epsilon is far from converged after the same 100.
+        assert float(jnp.max(alignment.marginal_error(alignment.transport_plan(a, b)))) > 0.5
+
+
+@pytest.mark.parametrize('relative_to, statistic', [('mean', np.mean), ('max', np.max)])
+def test_relative_epsilon_is_the_absolute_plan_with_epsilon_times_the_scale(relative_to,
+                                                                            statistic):
+    # Dividing the cost by s is the same entropic problem as epsilon * s on the raw cost, so
+    # the float64 reference with that epsilon must give the same plan, pair by pair, with s the
+    # statistic of that pair's own unshifted cost (Eq. 7).
+    a, b = feature_pair(100.0, batch=4)
+    plan = np.asarray(alignment.transport_plan(a, b, epsilon=0.1, cost_scale=relative_to))
+    for plan_k, x, y in zip(plan, a, b, strict=True):
+        x, y = x.reshape(NUM_POSITIONS, CHANNELS), y.reshape(NUM_POSITIONS, CHANNELS)
+        cost = np.sum((x[:, None, :].astype(np.float64) - y[None, :, :]) ** 2, axis=-1)
+        np.testing.assert_allclose(plan_k, reference_plan(x, y, epsilon=0.1 * statistic(cost)),
+                                   rtol=0, atol=PLAN_ATOL)
+
+
+def test_relative_epsilon_on_identical_positions_is_uniform_not_nan():
+    constant = np.ones((2, HEIGHT, WIDTH, CHANNELS), np.float32)
+    for relative_to in ('mean', 'max'):
+        plan = alignment.transport_plan(constant, constant, cost_scale=relative_to)
+        np.testing.assert_allclose(plan, 1.0 / NUM_POSITIONS**2, rtol=1e-6)
+
+
+def test_unknown_cost_scale_is_rejected():
+    a, b = feature_pair(1.0, batch=1)
+    with pytest.raises(ValueError, match='cost_scale must be one of'):
+        alignment.transport_plan(a, b, cost_scale='median')
+
+
+def test_partner_share_of_known_plans():
+    r = 4
+    permutation = np.array([2, 0, 3, 1])
+    exact = np.zeros((r, r), np.float32)
+    exact[np.arange(r), permutation] = 1.0 / r
+    uniform = np.full((r, r), 1.0 / r**2, np.float32)
+    # Position 0 sends 3/4 of its mass to its partner, positions 1-3 all of it.
+    blurred = exact.copy()
+    blurred[0] = [0.0, 0.0, 0.75 / r, 0.25 / r]
+    # Unconverged rows: position 0 sends 2/r, half of it to its partner; position 1 sends 0.2/r,
+    # all of it to its partner; the share is of each row's own mass, not of 1/r.
+    unconverged = exact.copy()
+    unconverged[0] = [0.0, 0.0, 1.0 / r, 1.0 / r]
+    unconverged[1] = [0.2 / r, 0.0, 0.0, 0.0]
+    plans = np.stack([exact, uniform, blurred, unconverged])
+    np.testing.assert_allclose(alignment.partner_share(plans, permutation),
+                               [1.0, 1.0 / r, (0.75 + 3) / 4, (0.5 + 3) / 4], rtol=1e-6)
+    # -1: no partner, left out of the mean (position 0 only has the blurred row).
+    np.testing.assert_allclose(
+        alignment.partner_share(plans, np.array([-1, 0, 3, 1])), [1.0, 1.0 / r, 1.0, 1.0],
+        rtol=1e-6)
+    with pytest.raises(ValueError, match='partner_share needs'):
+        alignment.partner_share(plans, permutation[:3])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import augmentation, checkpointing, train
+from alignmix_jax import alignment, augmentation, checkpointing, train
 from alignmix_jax.evaluation import command, common, ood
 from tests.conftest import REPO_ROOT, make_tiny_config
 
@@ -100,6 +100,31 @@ def test_ood_command_against_scores_computed_here(trained):
         assert 0.5 <= figures['detection_accuracy'] <= 1
         assert 0 <= figures['aupr_in'] <= 1 and 0 <= figures['aupr_out'] <= 1
     assert 'AUROC' in printed and 'gaussian' in printed
+
+
+def test_correspondence_command(trained):
+    workdir, _ = trained
+    results, printed = run_command('correspondence', workdir,
+                                   '--config.evals.correspondence.num_examples=100')
+    assert results['num_examples'] == 100 and results['num_cells'] == 16
+    assert results['chance'] == pytest.approx(1 / 16)
+    for name in ('flip', 'shift'):
+        assert 0 <= results[f'{name}_share'] <= 1
+        assert 0 <= results[f'{name}_same_cell_share'] <= 1
+        assert results[f'{name}_marginal_error'] >= 0
+    # Against an independent computation here: the plans of the same 100 images' A.
+    context, variables, _ = common.load(make_tiny_config(), workdir)
+    test = common.subset(context.dataset.test, 100)
+    inputs = context.normalize(test.images)
+    features = context.model.apply(variables, inputs, train=False, method=context.model.features)
+    flipped = context.model.apply(variables, inputs[:, :, ::-1], train=False,
+                                  method=context.model.features)
+    plan = np.asarray(alignment.transport_plan(features, flipped))
+    mirrored = np.arange(16).reshape(4, 4)[:, ::-1].reshape(-1)
+    # Each cell's share of the mass it sends (its row of the plan).
+    expected = np.mean(plan[:, np.arange(16), mirrored] / plan.sum(axis=-1))
+    assert results['flip_share'] == pytest.approx(expected, abs=1e-4)
+    assert 'x vs flip(x)' in printed and 'chance (1/r)' in printed
 
 
 def test_held_out_classes_protocol(tmp_path):

@@ -184,3 +184,58 @@ def test_nt_xent_equals_the_hand_computed_value():
     assert float(losses.nt_xent(axes, second, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)
     # Swapping the views or scaling an embedding changes nothing (cosine similarities).
     assert float(losses.nt_xent(second, 3 * axes, 0.5)) == pytest.approx(0.6366709065, rel=1e-6)
+
+
+def test_alignment_effect_of_fixed_embeddings():
+    unaligned = jnp.array([[3.0, 4.0], [0.0, 2.0]])
+    aligned = jnp.array([[6.0, 8.0], [0.0, 3.0]])
+    # ||(3, 4)|| / ||(3, 4)|| = 1 and ||(0, 1)|| / ||(0, 2)|| = 0.5.
+    assert float(mixup.alignment_effect(aligned, unaligned)) == pytest.approx(0.75, rel=1e-6)
+    assert float(mixup.alignment_effect(unaligned, unaligned)) == 0.0
+    assert float(mixup.alignment_effect(jnp.zeros((2, 2)), jnp.zeros((2, 2)))) == 0.0
+
+
+def _alignment_effect_of_head(head, lam=0.3):
+    """(effect from mixup.alignment_effect, the same figure in float64 numpy, from the plans)."""
+    features = random_features(seed=4)
+    permutation = jnp.array([3, 0, 5, 1, 2, 4])
+    aligned_mix, plan = mixup.mix_features(features, permutation, lam, swap=False, **ALIGN)
+    unaligned_mix, _ = mixup.mix_features(features, permutation, lam, swap=False, align=False,
+                                          epsilon=0.1, num_iters=100)
+    effect = mixup.alignment_effect(head(aligned_mix), head(unaligned_mix))
+    a = np.asarray(features, np.float64).reshape(6, 16, 8)
+    partner = a[np.asarray(permutation)]
+    assignment = 16 * np.asarray(plan, np.float64)
+    aligned_np = lam * a + (1 - lam) * np.einsum('bij,bjc->bic', assignment, partner)
+    unaligned_np = lam * a + (1 - lam) * partner
+    shape = features.shape
+    e_aligned = np.asarray(head(aligned_np.reshape(shape)), np.float64)
+    e_unaligned = np.asarray(head(unaligned_np.reshape(shape)), np.float64)
+    expected = np.mean(np.linalg.norm(e_aligned - e_unaligned, axis=-1)
+                       / np.linalg.norm(e_unaligned, axis=-1))
+    return float(effect), expected
+
+
+HEAD_WEIGHTS = np.random.default_rng(5).normal(size=(4 * 4 * 8, 10))
+HEAD_SHIFT = np.random.default_rng(6).normal(size=8)
+
+
+def test_alignment_effect_is_zero_behind_pooling_then_linear():
+    # R's columns sum to one, so the spatial mean of A' R^T is that of A'.
+    effect, expected = _alignment_effect_of_head(
+        lambda a: jnp.mean(jnp.asarray(a), axis=(1, 2)) @ HEAD_WEIGHTS[:8])
+    assert abs(effect) < 1e-5 and abs(expected) < 1e-5
+
+
+@pytest.mark.parametrize('head_name', ['affine_relu_then_pooling', 'flattened_linear'])
+def test_alignment_effect_is_nonzero_behind_a_nonlinearity_or_a_flattened_f(head_name):
+    heads = {
+        # BatchNorm (a fixed affine map here) + ReLU before the pooling: the default head.
+        'affine_relu_then_pooling': lambda a: jnp.mean(
+            jnp.maximum(jnp.asarray(a) - HEAD_SHIFT, 0.0), axis=(1, 2)),
+        # The paper's f: a linear layer on the whole A, positions kept.
+        'flattened_linear': lambda a: jnp.asarray(a).reshape(6, -1) @ HEAD_WEIGHTS,
+    }
+    effect, expected = _alignment_effect_of_head(heads[head_name])
+    assert expected > 0.01
+    assert effect == pytest.approx(expected, rel=1e-4)

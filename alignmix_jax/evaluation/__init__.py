@@ -19,7 +19,8 @@ import importlib
 
 # Each kind is the module alignmix_jax.evaluation.<kind>, which holds its `Evaluator` class;
 # add a new kind here.
-KINDS = ('classification', 'robustness', 'calibration', 'ood', 'localization')
+KINDS = ('classification', 'robustness', 'calibration', 'ood', 'localization',
+         'correspondence')
 
 
 def evaluator_class(kind: str):
