@@ -87,7 +87,8 @@ BAD_SETTINGS = [
     ('model.swin.num_heads', (3, 6), 'config.model.swin.num_heads must be 4 integers >= 1 '
      '(one per stage of config.model.swin.depths); got (3, 6)'),
     ('train.evals', ('accuracy',), "config.train.evals must be a tuple of evaluation kinds "
-     "among classification, robustness, calibration, ood, localization; got ('accuracy',)"),
+     "among classification, robustness, calibration, ood, localization, correspondence; "
+     "got ('accuracy',)"),
     ('evals.calibration.num_bins', 0, 'config.evals.calibration.num_bins must be an integer '
      '>= 1; got 0'),
     ('evals.ood.resize', 'stretch', "config.evals.ood.resize must be 'crop' or 'resize'; got "

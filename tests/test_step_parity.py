@@ -5,7 +5,7 @@ copied into our Flax tree), see the same normalised batch, permutation and lambd
 SGD steps of one mode; then the loss, every gradient, every updated parameter and every
 BatchNorm statistic are compared leaf by leaf. Our side is composed here from the pieces the
 train step uses: the model's stages (`features`, `embed`, `classify`), `mixup.mix`,
-`mixup.mixed_targets`, `mixup.soft_cross_entropy`, the alignment functions and the optimizer of
+`mixup.mixed_targets`, `losses.soft_cross_entropy`, the alignment functions and the optimizer of
 `train_step.make_optimizer`. The aligned modes use the public variant: the plan of
 `alignment.public_transport_plan`, and for 'feature_prime' the plan of A to A' reused (A R).
 
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignmix_jax import alignment, mixup
+from alignmix_jax import alignment, losses, mixup
 from alignmix_jax.models.classifier import Classifier
 from alignmix_jax.train_step import make_optimizer
 
@@ -79,7 +79,7 @@ def flax_loss_fn(model, mode, images, labels, permutation, lam):
         embedding, batch_stats = stage(params, batch_stats, 'embed', features)
         logits = model.apply({'params': params}, embedding, method='classify')
         targets = one_hot if mode == 'none' else mixup.mixed_targets(one_hot, permutation, lam)
-        return jnp.mean(mixup.soft_cross_entropy(logits, targets)), batch_stats
+        return jnp.mean(losses.soft_cross_entropy(logits, targets)), batch_stats
 
     return loss_fn
 
