@@ -203,7 +203,7 @@ def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_datas
         "train/marginal_error became nan at step 5 (mode 'feature'); stopped without saving: "
         f"the newest checkpoint, all finite, is step 4 ({workdir}/checkpoints/4). To go on: "
         "the Sinkhorn plan was the first non-finite value: raise the alignment's entropic "
-        "regularisation")
+        "regularisation (--config.mixup.epsilon=0.1, now 0)")
     assert checkpoint_listing(workdir) == ['2', '4']
     assert_every_checkpoint_finite(workdir, config, demo_dataset)
 
