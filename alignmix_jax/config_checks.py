@@ -132,6 +132,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             raise _fail(path, valid, value)
     _check_sequences(config)
     _check_names(config)
+    _check_mixup_options(config.mixup)
     _check_schedule(config.train)
     if num_devices is not None:
         _check_divisible(config, num_devices)
@@ -171,6 +172,15 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise _fail('train.evals', f'a tuple of evaluation kinds among '
                     f'{", ".join(evaluation.KINDS)}', tuple(config.train.evals))
+
+
+def _check_mixup_options(mixup_config: ml_collections.ConfigDict) -> None:
+    """timm's four options (issue 17), by mixup.check_options's own rules; a config made
+    before they existed has their neutral defaults."""
+    mixup.check_options(label_smoothing=mixup_config.get('label_smoothing', 0.0),
+                        probability=mixup_config.get('probability', 1.0),
+                        off_epoch=mixup_config.get('off_epoch'),
+                        lambda_per=mixup_config.get('lambda_per', 'batch'))
 
 
 def _check_schedule(train_config: ml_collections.ConfigDict) -> None:

@@ -156,8 +156,10 @@ def advice(config: ml_collections.ConfigDict, divergence: Divergence) -> str:
     steps = []
     if divergence.what == 'marginal_error':
         epsilon = config.mixup.epsilon
+        # Doubled; from 0 (possible only past config_checks.validate) the paper's 0.1.
+        raised = 2 * epsilon if epsilon > 0 else 0.1
         steps.append(f'the Sinkhorn plan was the first non-finite value: raise the alignment\'s '
-                     f'entropic regularisation (--config.mixup.epsilon={2 * epsilon:g}, now '
+                     f'entropic regularisation (--config.mixup.epsilon={raised:g}, now '
                      f'{epsilon:g}) or leave out the feature modes (config.mixup.modes)')
     learning_rate = config.train.learning_rate
     steps.append(f'lower the learning rate (--config.train.learning_rate='

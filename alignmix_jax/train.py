@@ -8,8 +8,14 @@ The step itself (the state, the optimizer, the forward pass of each mode, the da
 step, the frozen parameter groups) is `alignmix_jax.train_step`; this module is the loop around
 it: the data, the mode drawn per step, logging, the test evaluation (the classification
 evaluator of `alignmix_jax.evaluation`, so the loop and the evaluation command print one
-figure), the evaluations of `config.train.evals`, checkpoints and the stop on a NaN loss. The
+figure), the evaluations of `config.train.evals`, checkpoints and the stop on divergence. The
 step's metrics stay on the device until the loop fetches them every `log_every_steps`.
+
+Divergence (issue 15, alignmix_jax/divergence.py): each step reports whether its new state and
+metrics are finite with its metrics; every fetch checks the steps since the last one for a
+non-finite value or an exploding loss, and a fetch comes before every checkpoint. A divergence
+stops the run before it saves, so no non-finite state is ever written and the rotation
+(`keep_checkpoints`) deletes nothing: the newest checkpoint is the last finite one.
 """
 
 import os
@@ -27,6 +33,7 @@ from alignmix_jax import (
     checkpointing,
     config_checks,
     data,
+    divergence,
     evaluation,
     mixup,
     sharding,
@@ -48,11 +55,8 @@ _MODE_STREAM = 0x6D6F6465
 
 def training_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The modes drawn uniformly per step: config.mixup.modes, plus 'clean' when there is a
-    decoder (and, with config.mixup.cutmix_probability > 0, 'cutmix' drawn before them)."""
-    probability = config.mixup.cutmix_probability
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f'config.mixup.cutmix_probability must lie in [0, 1]; got '
-                         f'{probability}')
+    decoder (and, with config.mixup.cutmix_probability > 0, 'cutmix' drawn before them; its
+    range is config_checks.validate's)."""
     return mixup.validate_modes(config.mixup.modes,
                                 with_decoder=config.model.decoder != 'none',
                                 encoder_stages=encoder_stages(config.model.name))
@@ -83,17 +87,14 @@ class _MetricBuffer:
         self.modes.append(mode)
         self.steps.append(step_metrics)
 
-    def flush(self, step: int, learning_rate: float) -> dict:
-        """Fetches and averages the buffered metrics; raises FloatingPointError on a NaN loss."""
+    def flush(self, step: int, learning_rate: float,
+              detector: divergence.LossExplosionDetector | None = None
+              ) -> tuple[dict, divergence.Divergence | None]:
+        """Fetches and averages the metrics of the buffered steps, which end at `step`; also
+        returns the first divergence among them (`divergence.find_divergence`), or None."""
         fetched = jax.device_get(self.steps)
-        # Each step's objective: the classification loss, or the reconstruction loss of 'clean'.
-        losses = np.array([m['loss'] if 'loss' in m else m['reconstruction_loss']
-                           for m in fetched])
-        if not np.all(np.isfinite(losses)):
-            bad = int(np.argmin(np.isfinite(losses)))
-            raise FloatingPointError(
-                f'the training loss became {losses[bad]} at step {step - len(losses) + bad + 1} '
-                f'(mode {self.modes[bad]!r})')
+        found = divergence.find_divergence(step - len(fetched) + 1, self.modes, fetched,
+                                           detector)
         summary = {f'train/{key}': float(np.mean([m[key] for m in fetched if key in m]))
                    for key in ('loss', 'accuracy', 'lambda', 'marginal_error',
                                'reconstruction_loss', 'kl_divergence', 'contrastive_loss')
@@ -103,7 +104,20 @@ class _MetricBuffer:
                         for mode in self.mode_names})
         summary['train/learning_rate'] = learning_rate
         self.steps, self.modes = [], []
-        return summary
+        return summary, found
+
+
+def _divergence_error(config: ml_collections.ConfigDict, found: divergence.Divergence,
+                      manager) -> FloatingPointError:
+    """The one-line stop message: what diverged where, the newest checkpoint (finite: nothing
+    non-finite is saved, and a resumed state is checked) and what to change."""
+    manager.wait_until_finished()  # so latest_step() is the last saved one
+    latest = manager.latest_step()
+    newest = ('no checkpoint was saved before it' if latest is None else
+              f'the newest checkpoint, all finite, is step {latest} '
+              f'({manager.directory / str(latest)})')
+    return FloatingPointError(f'{found}; stopped without saving: {newest}. To go on: '
+                              f'{divergence.advice(config, found)}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -134,8 +148,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     total_steps = train_config.num_epochs * steps_per_epoch
     _, schedule = make_optimizer(train_config, steps_per_epoch)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(train_config.batch_size, mesh, 'config.train.batch_size')
-    sharding.check_batch_size(train_config.eval_batch_size, mesh, 'config.train.eval_batch_size')
     logging.info('Process %d of %d; %d devices in all (%s).', jax.process_index(),
                  jax.process_count(), mesh.size, jax.devices()[0].platform)
 
@@ -145,6 +157,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     restored = checkpointing.restore_latest(manager, state)
     if restored is not None:
         state, progress, _ = restored
+        if not bool(divergence.all_finite(state.params, state.batch_stats)):
+            # Only a version without the divergence check can have saved it.
+            raise checkpointing.CheckpointError(
+                f'the latest checkpoint in {manager.directory} (step {int(state.step)}) holds '
+                f'non-finite parameters or statistics; delete that step\'s directory to resume '
+                f'from the one before it')
         logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
     start_step = int(state.step)
 
@@ -163,7 +181,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     process_count=jax.process_count())
     cutmix_probability = config.mixup.cutmix_probability
     # Modes reported in the mode fractions: CutMix's too when AlignMix + CutMix draws it.
-    buffer = _MetricBuffer(modes + ((mixup.CUTMIX_MODE,) if cutmix_probability > 0 else ()))
+    buffer = _MetricBuffer(modes + ((mixup.CUTMIX_MODE,) if cutmix_probability > 0 else ())
+                           + ((mixup.NO_MIXUP_MODE,) if config.mixup.probability < 1
+                              or config.mixup.off_epoch is not None else ()))
+    detector = divergence.LossExplosionDetector(train_config.loss_explosion_factor)
     # The evaluation commands' evaluators, run at each evaluation (config.train.evals).
     eval_context = evaluation_common.EvalContext(config=config, model=model, dataset=dataset,
                                                  mesh=mesh)
@@ -185,7 +206,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
         for step in range(start_step + 1, total_steps + 1):
             images, labels = sharding.global_batch(next(batches), mesh)
-            mode = choose_mode(modes, config.seed, step, cutmix_probability)
+            # timm's probability and off_epoch may turn the drawn mode into 'none'; `step` is
+            # 1-based (the state's step before it is step - 1), so its 0-based epoch is:
+            mode = mixup.scheduled_mode(
+                choose_mode(modes, config.seed, step, cutmix_probability), seed=config.seed,
+                step=step, epoch=(step - 1) // steps_per_epoch,
+                probability=config.mixup.probability, off_epoch=config.mixup.off_epoch)
             state, step_metrics = compiled_train_step(state, images, labels, mode=mode)
             buffer.add(mode, step_metrics)
             report_progress(step)
@@ -193,15 +219,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             is_last = step == total_steps
             should_eval = step % eval_every_steps == 0 or is_last
             should_save = step % train_config.checkpoint_every_steps == 0 or should_eval
+            # Every save is preceded by a check of every step up to it.
             if step % train_config.log_every_steps == 0 or should_save:
-                try:
-                    summary = buffer.flush(step, float(schedule(step - 1)))
-                except FloatingPointError as error:
-                    manager.wait_until_finished()  # so latest_step() is the last saved one
-                    raise FloatingPointError(
-                        f'{error}; stopped without saving: the last good checkpoint is step '
-                        f'{manager.latest_step()} in {manager.directory}. Lower the learning rate '
-                        f'or use float32 (--config.model.dtype=float32) and restart.') from None
+                summary, found = buffer.flush(step, float(schedule(step - 1)), detector)
+                if found is not None:
+                    raise _divergence_error(config, found, manager)
                 writer.write_scalars(step, summary)
             if should_eval:
                 epoch = step // steps_per_epoch

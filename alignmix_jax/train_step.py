@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from alignmix_jax import alignment, augmentation, losses, mixup, pretrained, sharding
+from alignmix_jax import alignment, augmentation, divergence, losses, mixup, pretrained, sharding
 from alignmix_jax.models import build_model_for_dataset
 
 
@@ -249,11 +249,14 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
     raw_images = images
     images = augmentation.normalize(augment(augment_key, raw_images), dataset_config.mean,
                                       dataset_config.std)
-    one_hot = jax.nn.one_hot(labels, model.num_classes, dtype=jnp.float32)
+    # timm's label smoothing before the mix (exactly the one-hot labels with 0).
+    one_hot = mixup.smooth_one_hot(labels, model.num_classes, config.mixup.label_smoothing)
     alpha = config.mixup.alpha
     if mode == mixup.CUTMIX_MODE and config.mixup.cutmix_alpha is not None:
         alpha = config.mixup.cutmix_alpha  # CutMix's own, when drawn beside AlignMix
-    permutation, lam = mixup.sample_pairing(pairing_key, labels.shape[0], alpha)
+    # lambda (b,) with lambda_per 'example': traced like the scalar, so it compiles once.
+    permutation, lam = mixup.sample_pairing(pairing_key, labels.shape[0], alpha,
+                                            lambda_per=config.mixup.lambda_per)
 
     if mode == mixup.CLEAN_MODE:
         # The VAE's sampling noise: a key of its own, so the other draws stay as they were.
@@ -301,7 +304,7 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
         'accuracy': jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
     }
     if targets_lam is not None:  # CutMix's is the area-corrected one; 'none' mixes nothing
-        step_metrics['lambda'] = targets_lam
+        step_metrics['lambda'] = jnp.mean(targets_lam)  # one per pair: their batch mean
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
     if contrastive_loss is not None:
@@ -323,8 +326,12 @@ def train_step(state: TrainState, images, labels, *, mode: str, model,
         device_augmentation=device_augmentation)
     grads, batch_stats, step_metrics = jax.lax.pmean((grads, batch_stats, step_metrics),
                                                      sharding.DATA_AXIS)
-    return apply_gradients(state, grads, batch_stats, frozen_groups(mode, state.params)), \
-        step_metrics
+    new_state = apply_gradients(state, grads, batch_stats, frozen_groups(mode, state.params))
+    # Issue 15: one fused reduction on the device, fetched with the metrics, so the loop can
+    # refuse to checkpoint a state that became non-finite.
+    step_metrics[divergence.STATE_FINITE] = divergence.all_finite(
+        new_state.params, new_state.batch_stats, step_metrics)
+    return new_state, step_metrics
 
 
 def apply_gradients(state: TrainState, grads, batch_stats, frozen: tuple[str, ...]):

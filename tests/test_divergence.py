@@ -4,10 +4,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from alignmix_jax import divergence
+from alignmix_jax import checkpointing, config_checks, data, divergence, train, train_step
 from configs import demo
+from tests.conftest import make_tiny_config
+from tests.test_train import restore_params
 
 NAN, INF = float('nan'), float('inf')
 
@@ -127,3 +130,93 @@ def test_advice_fits_the_run():
         'regularisation (--config.mixup.epsilon=0.2, now 0.1) or leave out the feature modes '
         '(config.mixup.modes); or lower the learning rate (--config.train.learning_rate=0.01, '
         'now 0.1); then restart')
+
+
+# The check in the training loop, on the tiny config (4 steps an epoch, a fetch every 2).
+
+
+@pytest.fixture(scope='module')
+def demo_dataset():
+    return data.load_dataset(make_tiny_config().dataset)
+
+
+def checkpoint_listing(workdir):
+    return sorted(path.name for path in (workdir / 'checkpoints').iterdir())
+
+
+def train_one_good_epoch(config, workdir, demo_dataset):
+    """Trains epoch 0 (checkpoints 2 and 4); returns the restored state of step 4."""
+    config.train.num_epochs = 1
+    config.train.keep_checkpoints = 2  # a third save would delete step 2
+    train.train_and_evaluate(config, str(workdir))
+    assert checkpoint_listing(workdir) == ['2', '4']
+    state, _, step = restore_params(str(workdir), config, demo_dataset)
+    assert step == 4
+    return state
+
+
+def assert_every_checkpoint_finite(workdir, config, demo_dataset):
+    for step in checkpoint_listing(workdir):
+        state = restore_params(str(workdir), config, demo_dataset, step=int(step))[0]
+        assert bool(divergence.all_finite(state.params, state.batch_stats)), step
+
+
+def test_a_diverging_run_stops_before_saving_and_names_its_finite_checkpoint(tmp_path,
+                                                                             demo_dataset):
+    config, workdir = make_tiny_config(), tmp_path / 'run'
+    good_state = train_one_good_epoch(config, workdir, demo_dataset)
+    config.train.num_epochs = 3
+    config.train.learning_rate = 1e6
+    with pytest.raises(FloatingPointError) as stop:
+        train.train_and_evaluate(config, str(workdir))
+    # Steps 5 and 6 stayed finite and within the factor, so step 6 was saved (and the rotation
+    # deleted step 2); step 7's update overflowed, and step 8's save was refused.
+    assert str(stop.value) == (
+        "the parameters or BatchNorm statistics became non-finite at step 7 (mode 'input'), "
+        "with finite metrics; stopped without saving: the newest checkpoint, all finite, is "
+        f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
+        "(--config.train.learning_rate=100000, now 1e+06); then restart")
+    # A save of step 8 would have rotated step 4 out: nothing was written, nothing deleted.
+    assert checkpoint_listing(workdir) == ['4', '6']
+    state, _, step = restore_params(str(workdir), config, demo_dataset)  # the one it names
+    assert step == 6
+    assert bool(divergence.all_finite(state.params, state.batch_stats))
+    kept = restore_params(str(workdir), config, demo_dataset, step=4)[0]
+    jax.tree.map(np.testing.assert_array_equal, kept.params, good_state.params)
+    assert_every_checkpoint_finite(workdir, config, demo_dataset)
+
+
+def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_dataset):
+    config, workdir = make_tiny_config(), tmp_path / 'run'
+    config.mixup.modes = ('feature',)
+    train_one_good_epoch(config, workdir, demo_dataset)
+    config.train.num_epochs = 2
+    config.mixup.epsilon = 0.0  # ott's Sinkhorn divides by it: a NaN plan
+    with pytest.raises(ValueError, match=r'config.mixup.epsilon must be > 0'):
+        train.train_and_evaluate(config, str(workdir))
+    # Past the settings check (as a config made in code and trained without it would be).
+    monkeypatch.setattr(config_checks, 'validate', lambda config, num_devices=None: None)
+    with pytest.raises(FloatingPointError) as stop:
+        train.train_and_evaluate(config, str(workdir))
+    # Step 5 is the first step of the resumed run: it stops there, not at the end.
+    assert str(stop.value).startswith(
+        "train/marginal_error became nan at step 5 (mode 'feature'); stopped without saving: "
+        f"the newest checkpoint, all finite, is step 4 ({workdir}/checkpoints/4). To go on: "
+        "the Sinkhorn plan was the first non-finite value: raise the alignment's entropic "
+        "regularisation (--config.mixup.epsilon=0.1, now 0)")
+    assert checkpoint_listing(workdir) == ['2', '4']
+    assert_every_checkpoint_finite(workdir, config, demo_dataset)
+
+
+def test_a_non_finite_checkpoint_is_not_resumed(tmp_path, demo_dataset):
+    config, workdir = make_tiny_config(), tmp_path / 'run'
+    model = train_step.build_training_model(config, demo_dataset)
+    state = train_step.create_train_state(config, model, demo_dataset.image_shape, 4)
+    state = state.replace(params=jax.tree.map(lambda leaf: leaf * np.nan, state.params))
+    manager = checkpointing.make_manager(str(workdir))
+    checkpointing.save(manager, 0, state, {'best_test_accuracy': None, 'best_epoch': None})
+    manager.wait_until_finished()
+    with pytest.raises(checkpointing.CheckpointError, match=r'\(step 0\) holds non-finite '
+                                                            r'parameters or statistics'):
+        train.train_and_evaluate(config, str(workdir))
+    assert checkpoint_listing(workdir) == ['0']

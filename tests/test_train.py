@@ -30,7 +30,7 @@ def demo_dataset():
     return data.load_dataset(make_tiny_config().dataset)
 
 
-def restore_params(workdir, config, dataset):
+def restore_params(workdir, config, dataset, step=None):
     model = build_model(config.model, dataset.num_classes, image_shape=dataset.image_shape,
                         normalization=(config.dataset.mean, config.dataset.std))
     steps_per_epoch = data.steps_per_epoch(len(dataset.train.labels),
@@ -38,7 +38,8 @@ def restore_params(workdir, config, dataset):
     abstract = train_step.create_train_state(config, model, dataset.train.images.shape[1:],
                                         steps_per_epoch)
     manager = checkpointing.make_manager(workdir, read_only=True)
-    state, progress, step = checkpointing.restore_latest(manager, abstract, required=True)
+    state, progress, step = checkpointing.restore_latest(manager, abstract, step=step,
+                                                         required=True)
     return state, progress, step
 
 
@@ -84,11 +85,12 @@ def test_alignmix_cutmix_draws_cutmix_with_probability_p(probability):
     assert np.all(np.abs(others - expected) <= 4 * np.sqrt(expected) + 1e-9), others
 
 
-def test_cutmix_probability_outside_0_1_is_an_error():
+def test_cutmix_probability_outside_0_1_is_an_error(tmp_path):
     config = make_tiny_config()
     config.mixup.cutmix_probability = 1.5
-    with pytest.raises(ValueError, match=r'cutmix_probability must lie in \[0, 1\]; got 1.5'):
-        train.training_modes(config)
+    with pytest.raises(ValueError, match=r'cutmix_probability must be a probability in '
+                                         r'\[0, 1\]; got 1.5'):
+        train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_contrastive_term_adds_its_weighted_nt_xent_to_the_step_loss(demo_dataset):
@@ -182,10 +184,17 @@ def test_evaluation_counts_every_test_image_once(demo_dataset):
     assert results['accuracy'] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize('decoder', ['none', 'ae'])
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dataset, decoder):
+# timm's four options on (issue 17): their draws too must be those of the uninterrupted run.
+TIMM_OPTIONS = {'label_smoothing': 0.1, 'probability': 0.5, 'off_epoch': 2,
+                'lambda_per': 'example'}
+
+
+@pytest.mark.parametrize('decoder, options', [('none', {}), ('ae', {}), ('none', TIMM_OPTIONS)])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dataset, decoder,
+                                                 options):
     config = make_tiny_config()  # 4 steps an epoch
     config.model.decoder = decoder  # 'ae': the clean mode too, and D in the checkpoint
+    config.mixup.update(options)
     config.train.num_epochs = 3
     config.train.checkpoint_every_steps = 3
     uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
@@ -215,6 +224,14 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dat
     jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
     assert resumed['final_test_accuracy'] == uninterrupted['final_test_accuracy']
     assert progress_a == progress_b
+    if options:
+        # The resumed steps 7-12 of seed 0: mixed, then clean by probability (step 8), then
+        # clean from off_epoch 2 on (steps 9-12).
+        scheduled = [mixup.scheduled_mode(
+            train.choose_mode(train.training_modes(config), config.seed, step),
+            seed=config.seed, step=step, epoch=(step - 1) // 4, probability=0.5, off_epoch=2)
+            for step in range(7, 13)]
+        assert scheduled == ['input'] + ['none'] * 5
     if decoder == 'ae':
         assert 'decoder' in state_b.params and 'decoder' in state_b.batch_stats
         modes = [train.choose_mode(train.training_modes(config), config.seed, step)
@@ -235,7 +252,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     config.train.num_epochs = 2
     monkeypatch.setattr(losses, 'soft_cross_entropy',
                         lambda logits, targets: jnp.full(logits.shape[:1], jnp.nan))
-    with pytest.raises(FloatingPointError, match=r'loss became nan.*last good checkpoint is step'):
+    with pytest.raises(FloatingPointError, match=r"train/loss became nan at step 5 \(mode '.*"
+                                                 r'the newest checkpoint, all finite, is step 4'):
         train.train_and_evaluate(config, workdir)
     state, _, step = restore_params(workdir, config, demo_dataset)
     assert step == good_step == 4
