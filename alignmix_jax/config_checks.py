@@ -82,7 +82,6 @@ _RULES = (
     ('train.learning_rate', _positive, _POSITIVE),
     ('train.classifier_learning_rate', _positive, _POSITIVE + ' (or unset)'),
     ('train.decoder_learning_rate', _positive, _POSITIVE + ' (or unset)'),
-    ('train.head_learning_rate', _positive, _POSITIVE + ' (or unset)'),
     ('train.lr_decay_factor', lambda value: _positive(value) and value <= 1, 'in (0, 1]'),
     ('train.momentum', lambda value: _number(value) and 0 <= value < 1, 'in [0, 1)'),
     ('train.weight_decay', _non_negative, _NON_NEGATIVE),

@@ -51,10 +51,6 @@ class TrainState(train_state.TrainState):
     rng: jax.Array  # the run's key; each step folds in its step number and device index
 
 
-# The top-level parameter groups of f (models/classifier.py) that `head_learning_rate` sets.
-F_HEAD_GROUPS = ('head_norm', 'embedding', 'tensor_embedding', 'posterior')
-
-
 def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int):
     """SGD with momentum and weight decay as PyTorch applies them, and the step schedule.
 
@@ -62,9 +58,8 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
     and the learning rate is multiplied by `lr_decay_factor` at each of `lr_decay_epochs`.
     If `classifier_learning_rate` is set, the classifier g has its own base learning rate (the
     paper's ImageNet protocol: 0.1 for g, 0.01 for the rest); `decoder_learning_rate` does the
-    same for the decoder D of AlignMixup/AE, and `head_learning_rate` for f's own layers
-    (F_HEAD_GROUPS: its BatchNorm, its Dense layer or tensor convolution, a VAE's posterior).
-    Returns the optimizer and the schedule of the other layers.
+    same for the decoder D of AlignMixup/AE. Returns the optimizer and the schedule of the
+    other layers.
     """
     boundaries = {int(epoch * steps_per_epoch): train_config.lr_decay_factor
                   for epoch in train_config.lr_decay_epochs}
@@ -80,9 +75,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
     # Top-level parameter group -> its own base learning rate, where one is set.
     own_rates = {name: rate for name, rate in (
         ('classifier', train_config.classifier_learning_rate),
-        ('decoder', train_config.get('decoder_learning_rate')),
-        *((group, train_config.get('head_learning_rate')) for group in F_HEAD_GROUPS))
-        if rate is not None}
+        ('decoder', train_config.get('decoder_learning_rate'))) if rate is not None}
     if own_rates:
         def parameter_groups(params):
             return {name: jax.tree.map(

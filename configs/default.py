@@ -146,9 +146,6 @@ def get_config() -> ml_collections.ConfigDict:
     # The same for the decoder D of AlignMixup/AE (None: the same as the rest; the paper does
     # not give one). Same schedule.
     config.train.decoder_learning_rate = config_dict.placeholder(float)
-    # The same for f's own layers (its BatchNorm + Dense, train_step.F_HEAD_GROUPS; None: the
-    # same as the rest): the flattened f of AlignMixup/AE needs a lower one (configs/demo.py).
-    config.train.head_learning_rate = config_dict.placeholder(float)
     config.train.lr_decay_epochs = (500, 1000, 1500)
     config.train.lr_decay_factor = 0.1
     config.train.momentum = 0.9

@@ -146,21 +146,6 @@ def test_classifier_can_have_its_own_learning_rate():
     assert float(schedule(0)) == pytest.approx(0.01)
 
 
-def test_f_can_have_its_own_learning_rate():
-    config = make_tiny_config().train
-    config.momentum, config.weight_decay = 0.0, 0.0
-    config.learning_rate, config.head_learning_rate = 0.1, 0.02
-    optimizer, _ = train_step.make_optimizer(config, steps_per_epoch=5)
-    # f's groups present in this model (no tensor convolution, no posterior): the others.
-    params = {'encoder': {'kernel': jnp.ones(2)}, 'head_norm': {'scale': jnp.ones(2)},
-              'embedding': {'kernel': jnp.ones(4)}, 'classifier': {'kernel': jnp.ones(3)}}
-    gradients = jax.tree.map(jnp.ones_like, params)
-    updates, _ = optimizer.update(gradients, optimizer.init(params), params)
-    for group, rate in (('encoder', 0.1), ('head_norm', 0.02), ('embedding', 0.02),
-                        ('classifier', 0.1)):
-        np.testing.assert_allclose(jax.tree.leaves(updates[group])[0], -rate, rtol=1e-6)
-
-
 def test_nesterov_momentum_is_torch_sgd_nesterov():
     config = make_tiny_config().train
     config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 0.0
