@@ -208,7 +208,7 @@ def test_methods_are_config_overrides():
 
 def test_config_variants_combine_a_backbone_and_a_method():
     config = cifar10.get_config('mobilenet_v2,alignmix_cutmix')
-    assert config.model.name == 'mobilenet_v2' and config.model.head_norm is False
+    assert config.model.name == 'mobilenet_v2' and config.model.head_norm is True
     assert config.model.mobilenet_v2.small_input is True
     assert config.mixup.cutmix_probability == 0.5 and config.mixup.cutmix_alpha == 1.0
     assert config.mixup.modes == ('input', 'embedding', 'feature', 'feature_prime')
