@@ -191,7 +191,7 @@ def format_table(result: dict) -> str:
     if 'alignment_effect_ms' in result:
         share = 100 * result['alignment_effect_share']
         lines.append(f'{"alignment_effect measurement":<34}{result["alignment_effect_ms"]:>12.1f}'
-                     f'{"-":>14}  ({share:.1f}% of a feature step)')
+                     f'{"-":>14}  ({share:.2f}% of a feature step)')
     lines.append(f'input pipeline: {result["input_images_per_second"]:,.0f} images/s')
     return '\n'.join(lines)
 
