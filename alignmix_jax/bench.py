@@ -7,6 +7,9 @@ Measures, on the devices JAX sees and with the config's model, batch size and mi
   the modes are timed in interleaved rounds, so that the machine's drift does not bias one;
 - the alignment alone (Sinkhorn plan + Eq. 10 for every pair of a batch) on feature tensors of
   the shape the model's F produces for this batch;
+- `train/alignment_effect`'s measurement alone (`alignment_effect.measure`: f without gradient
+  on the unaligned mix, after capturing the batch statistics), on this batch's real A with the
+  initial model, and its share of the first feature mode's step (it runs inside that step);
 - the input pipeline: images per second from the dataset's batch iterator to arrays on the
   devices (the train step augments on the device; that cost is inside the step times).
 
@@ -62,7 +65,17 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     import jax
     import jax.numpy as jnp
 
-    from alignmix_jax import alignment, config_checks, data, mixup, sharding, train, train_step
+    from alignmix_jax import (
+        alignment,
+        alignment_effect,
+        augmentation,
+        config_checks,
+        data,
+        mixup,
+        sharding,
+        train,
+        train_step,
+    )
     config_checks.validate(config, num_devices=jax.device_count())
     modes = tuple(dict.fromkeys(train.training_modes(config)))  # each once, in order
     dataset = data.load_dataset(config.dataset)
@@ -114,6 +127,31 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     alignment_ms = _median_milliseconds(lambda: align_batch(features).block_until_ready(),
                                         warmup=warmup, repeats=repeats)
 
+    effect_ms = None
+    feature_modes = [mode for mode in modes if mode in mixup.FEATURE_MODES]
+    if feature_modes and config.mixup.align:
+        # The measurement on its own, from the real A and e of this batch's first feature
+        # mode (BatchNorm over the whole batch, outside shard_map).
+        single = model.clone(batch_norm_axis=None)
+        variables = single.init(jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)),
+                                train=False)
+        params, batch_stats = variables['params'], variables.get('batch_stats', {})
+        normalized = augmentation.normalize(images, config.dataset.mean, config.dataset.std)
+        real_features = single.apply(variables, normalized, train=True, method='features',
+                                     mutable=['batch_stats'])[0]
+        lam = jnp.float32(0.5)
+        mixed, _ = mixup.mix_features(
+            real_features, permutation, lam, swap=feature_modes[0] in mixup.SWAPPED_MODES,
+            align=True, epsilon=config.mixup.epsilon, num_iters=config.mixup.sinkhorn_iters,
+            cost_scale=config.mixup.cost_scale)
+        embedding = single.apply(variables, mixed, train=True, method='embed',
+                                 mutable=['batch_stats'])[0]
+        measure = jax.jit(lambda *args: alignment_effect.measure(
+            feature_modes[0], single, params, batch_stats, *args))
+        effect_ms = _median_milliseconds(
+            lambda: measure(real_features, permutation, lam, mixed,
+                            embedding).block_until_ready(), warmup=warmup, repeats=repeats)
+
     # Host batches to device arrays, as the training loop feeds them.
     def feed():
         fed = [sharding.global_batch(next(batches), mesh) for _ in range(input_batches)]
@@ -131,6 +169,9 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         'step_ms': step_ms, 'alignment_ms': alignment_ms,
         'input_images_per_second': input_images_per_second,
     }
+    if effect_ms is not None:
+        result['alignment_effect_ms'] = effect_ms
+        result['alignment_effect_share'] = effect_ms / step_ms[feature_modes[0]]
     if 'input' in step_ms:
         result['step_ratio_to_input'] = {mode: ms / step_ms['input']
                                          for mode, ms in step_ms.items()}
@@ -147,6 +188,10 @@ def format_table(result: dict) -> str:
         ratio = f'{ratios[mode]:.3f}' if mode in ratios else '-'
         lines.append(f'{"train step, " + mode:<34}{ms:>12.1f}{ratio:>14}')
     lines.append(f'{"alignment of the batch":<34}{result["alignment_ms"]:>12.1f}{"-":>14}')
+    if 'alignment_effect_ms' in result:
+        share = 100 * result['alignment_effect_share']
+        lines.append(f'{"alignment_effect measurement":<34}{result["alignment_effect_ms"]:>12.1f}'
+                     f'{"-":>14}  ({share:.2f}% of a feature step)')
     lines.append(f'input pipeline: {result["input_images_per_second"]:,.0f} images/s')
     return '\n'.join(lines)
 

@@ -19,6 +19,11 @@ instead of the quarter-width PreActResNet18:
     python -m alignmix_jax.reproduce --data_dir=../shared/data/cifar10-jpeg \
         --workdir=runs/mini_vit --backbone=vit_small --methods=baseline,alignmix
 
+`--ablation=alignment` trains instead AlignMix with alignment off, the paper's, converged and
+the public code's, behind two heads, and writes WORKDIR/ablation.md
+(`alignmix_jax.alignment_ablation`; `--methods` then names its conditions, e.g.
+`paper_bn_relu`).
+
 This is not the paper's protocol (2000 epochs on the full training set): it compares the
 methods on the same small budget, where the ranking may well differ from the paper's. The
 runs and the table are `alignmix_jax.reproduction_runs`; this module is the command.
@@ -36,6 +41,9 @@ flags.DEFINE_string('workdir', None, 'Directory of the runs, results.json and re
 flags.mark_flags_as_required(['data_dir', 'workdir'])
 flags.DEFINE_list('methods', None, 'Methods of configs/methods.py to run (default: all).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each method is trained once per seed.')
+flags.DEFINE_enum('ablation', None, ['alignment'],
+                  'Train the ablation of alignment (alignmix_jax/alignment_ablation.py) instead '
+                  'of the methods; --methods then names its conditions.')
 flags.DEFINE_string('backbone', 'preact_resnet18',
                     'The network of every run: a backbone of configs/backbones.py.')
 
@@ -57,7 +65,7 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     chosen = FLAGS.methods or list(method_configs.METHODS)
     unknown = [method for method in chosen if method not in method_configs.METHODS]
-    if unknown:  # before any training
+    if unknown and FLAGS.ablation is None:  # before any training
         raise SystemExit(f'error: unknown method {unknown[0]!r}; valid methods: '
                          f'{", ".join(method_configs.METHODS)}')
     if FLAGS.backbone not in backbones.BACKBONES:
@@ -69,20 +77,16 @@ def main(argv):
         raise SystemExit(f'error: --seeds must be integers, got {",".join(FLAGS.seeds)}') from None
 
     os.makedirs(FLAGS.workdir, exist_ok=True)
+    if FLAGS.ablation == 'alignment':
+        _alignment_ablation(seeds)
+        return
 
     def make_config(method):
         config = mini_reproduction.get_config(f'{FLAGS.backbone},{method}')
         config.dataset.data_dir = FLAGS.data_dir
         return config
 
-    command = (f'python -m alignmix_jax.reproduce --data_dir={FLAGS.data_dir} '
-               f'--workdir={FLAGS.workdir}')
-    if FLAGS.methods:
-        command += f' --methods={",".join(chosen)}'
-    if FLAGS.seeds != ['0', '1', '2']:
-        command += f' --seeds={",".join(FLAGS.seeds)}'
-    if FLAGS.backbone != 'preact_resnet18':
-        command += f' --backbone={FLAGS.backbone}'
+    command = _command('', chosen)
     from alignmix_jax import config_checks
     from alignmix_jax.reproduction_runs import run_all
     with one_line_errors():
@@ -90,6 +94,39 @@ def main(argv):
             config_checks.validate(make_config(method), num_devices=jax.device_count())
         run_all(make_config, chosen, seeds, FLAGS.workdir, command=command)
     with open(os.path.join(FLAGS.workdir, 'results.md')) as table_file:
+        print(table_file.read())
+
+
+def _command(options: str, names) -> str:
+    """The command line that reproduces this one, for the tables."""
+    command = (f'python -m alignmix_jax.reproduce{options} --data_dir={FLAGS.data_dir} '
+               f'--workdir={FLAGS.workdir}')
+    if FLAGS.methods:
+        command += f' --methods={",".join(names)}'
+    if FLAGS.seeds != ['0', '1', '2']:
+        command += f' --seeds={",".join(FLAGS.seeds)}'
+    if FLAGS.backbone != 'preact_resnet18':
+        command += f' --backbone={FLAGS.backbone}'
+    return command
+
+
+def _alignment_ablation(seeds):
+    import jax
+
+    from alignmix_jax import alignment_ablation, config_checks
+
+    def make_config(condition):
+        return alignment_ablation.make_config(condition, backbone=FLAGS.backbone,
+                                              data_dir=FLAGS.data_dir)
+
+    with one_line_errors():
+        names = alignment_ablation.conditions(FLAGS.methods)
+        command = _command(' --ablation=alignment', names)
+        for name in names:  # every run's settings, before the first run trains
+            config_checks.validate(make_config(name), num_devices=jax.device_count())
+        alignment_ablation.run_ablation(make_config, names, seeds, FLAGS.workdir,
+                                        command=command)
+    with open(os.path.join(FLAGS.workdir, 'ablation.md')) as table_file:
         print(table_file.read())
 
 

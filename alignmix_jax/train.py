@@ -18,6 +18,7 @@ stops the run before it saves, so no non-finite state is ever written and the ro
 (`keep_checkpoints`) deletes nothing: the newest checkpoint is the last finite one.
 """
 
+import itertools
 import os
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from alignmix_jax import (
     data,
     divergence,
     evaluation,
+    inert_alignment,
     mixup,
     sharding,
     workdir_lock,
@@ -96,7 +98,7 @@ class _MetricBuffer:
         found = divergence.find_divergence(step - len(fetched) + 1, self.modes, fetched,
                                            detector)
         summary = {f'train/{key}': float(np.mean([m[key] for m in fetched if key in m]))
-                   for key in ('loss', 'accuracy', 'lambda', 'marginal_error',
+                   for key in ('loss', 'accuracy', 'lambda', 'marginal_error', 'alignment_effect',
                                'reconstruction_loss', 'kl_divergence', 'contrastive_loss')
                    if any(key in m for m in fetched)}
         counts = Counter(self.modes)
@@ -179,6 +181,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = dataset.train_batches(train_config.batch_size, seed=config.seed,
                                     start_step=start_step, process_index=jax.process_index(),
                                     process_count=jax.process_count())
+    if start_step == 0:  # before the first step, with the initial model (issue 14)
+        first_batch = next(batches)
+        effect = inert_alignment.check_alignment_acts(
+            config, model, {'params': state.params, 'batch_stats': state.batch_stats},
+            first_batch[0])
+        if effect is not None:
+            logging.info('Alignment effect of the initial model on the first batch: %.3g.',
+                         effect)
+        batches = itertools.chain([first_batch], batches)
     cutmix_probability = config.mixup.cutmix_probability
     # Modes reported in the mode fractions: CutMix's too when AlignMix + CutMix draws it.
     buffer = _MetricBuffer(modes + ((mixup.CUTMIX_MODE,) if cutmix_probability > 0 else ())

@@ -34,7 +34,16 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from alignmix_jax import alignment, augmentation, divergence, losses, mixup, pretrained, sharding
+from alignmix_jax import (
+    alignment,
+    alignment_effect,
+    augmentation,
+    divergence,
+    losses,
+    mixup,
+    pretrained,
+    sharding,
+)
 from alignmix_jax.models import build_model_for_dataset
 
 
@@ -130,19 +139,20 @@ def _train_stage(model, params, method, inputs, batch_stats, **kwargs):
 
 def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
                    mixup_config, box_key=None):
-    """Logits, soft targets, updated BatchNorm statistics, the plan (or None) and the lambda
-    the targets were mixed with (None for 'none') of one mode."""
+    """Logits, soft targets, updated BatchNorm statistics, the plan (or None), the lambda
+    the targets were mixed with (None for 'none') and, in the aligned feature and
+    embedding-tensor modes, `alignment_effect.measure`'s figure (else None) of one mode."""
 
     stage = functools.partial(_train_stage, model, params)
 
-    plan = None
+    plan, effect = None, None
     swap = mode in mixup.SWAPPED_MODES
     if mode == mixup.NO_MIXUP_MODE:
         # The baseline: e = f(F(x)) and the hard labels, through the same loss.
         features, batch_stats = stage('features', images, batch_stats)
         embedding, batch_stats = stage('embed', features, batch_stats)
         logits = model.apply({'params': params}, embedding, method='classify')
-        return logits, one_hot, batch_stats, None, None
+        return logits, one_hot, batch_stats, None, None, None
     if mode == mixup.CUTMIX_MODE:
         # Yun et al. (2019): a box of x' in x; lambda becomes the share of x left visible.
         mixed_images, lam = mixup.cutmix(box_key, images, permutation, lam)
@@ -171,21 +181,30 @@ def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation
         features, batch_stats = stage('features', images, batch_stats)
         mixed_features, plan = mixup.mix_features(
             features, permutation, lam, swap=swap, align=mixup_config.align,
-            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters)
+            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
+            cost_scale=mixup_config.cost_scale)
+        feature_stats = batch_stats
         embedding, batch_stats = stage('embed', mixed_features, batch_stats)
+        if plan is not None:
+            effect = alignment_effect.measure(mode, model, params, feature_stats, features,
+                                              permutation, lam, mixed_features, embedding)
     elif mode in mixup.TENSOR_EMBEDDING_MODES:
         # Table 8's E: Eq. (12) or (13) on E = conv(A) instead of A, then e = E flattened.
         features, batch_stats = stage('features', images, batch_stats)
         tensor, batch_stats = stage('embed_to_tensor', features, batch_stats)
         mixed_tensor, plan = mixup.mix_features(
             tensor, permutation, lam, swap=swap, align=mixup_config.align,
-            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters)
+            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
+            cost_scale=mixup_config.cost_scale)
         embedding = model.apply({'params': params}, mixed_tensor, method='flatten_embedding')
+        if plan is not None:
+            effect = alignment_effect.measure(mode, model, params, batch_stats, tensor,
+                                              permutation, lam, mixed_tensor, embedding)
     else:
         raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.ALL_MODES}')
     logits = model.apply({'params': params}, embedding, method='classify')
     targets = mixup.mixed_targets(one_hot, permutation, lam, swap=swap)
-    return logits, targets, batch_stats, plan, lam
+    return logits, targets, batch_stats, plan, lam, effect
 
 
 def _reconstruction_forward(model, params, batch_stats, images, noise_key, kl_weight):
@@ -284,7 +303,7 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
             dataset_config.mean, dataset_config.std)
 
     def loss_fn(params):
-        logits, targets, batch_stats, plan, targets_lam = mixed_forward(
+        logits, targets, batch_stats, plan, targets_lam, effect = mixed_forward(
             mode, model, params, state.batch_stats, images, one_hot, permutation, lam,
             config.mixup, box_key)
         loss = jnp.mean(losses.soft_cross_entropy(logits, targets))  # Eq. (6)
@@ -293,11 +312,11 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
             contrastive_loss, batch_stats = _contrastive_loss(
                 model, params, batch_stats, views, config.train.contrastive_temperature)
             loss = loss + contrastive_weight * contrastive_loss
-        return loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss)
+        return loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss, effect)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss)), grads = \
-        grad_fn(state.params)
+    (loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss, effect)), \
+        grads = grad_fn(state.params)
     step_metrics = {
         'loss': loss,
         # Agreement with the label that carries the larger weight of the mixed target.
@@ -307,6 +326,8 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
         step_metrics['lambda'] = jnp.mean(targets_lam)  # one per pair: their batch mean
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
+    if effect is not None:
+        step_metrics['alignment_effect'] = effect
     if contrastive_loss is not None:
         step_metrics['contrastive_loss'] = contrastive_loss
     return grads, batch_stats, step_metrics

@@ -19,13 +19,19 @@ ResNet-50 (CutMix: 54.8% and 64.8%). This code has not been run on CUB (no GPU h
 Appendix B, CUB200-2011: ResNet-50 pretrained on ImageNet as F, with the last stage (layer4)
 at stride 1 so that A is 14x14x2048 at 224x224 (the appendix says "stride 2 instead of 1", the
 wrong way round: it is torchvision's stride 2 that gives 7x7; Yun et al. (2019), whom it
-follows, use stride 1); f = global average pooling (the network ends with BatchNorm + ReLU:
-no head BatchNorm), g a linear classifier of 200 classes. Training as for classification
-(all four mixup modes, lambda ~ Beta(2, 2), Sinkhorn eps = 0.1 for 100 iterations), without
-boxes. Images resized to 256x256 and randomly cropped to 224x224 (with a horizontal flip) in
-training, resized to 224x224 for testing. SGD for 600 epochs, learning rate 0.01 for the
-classifier g and 0.001 for the other layers, both x0.1 every 150 epochs, momentum 0.9, weight
-decay 1e-4, batch size 16.
+follows, use stride 1); f = BatchNorm + ReLU, then global average pooling, g a linear
+classifier of 200 classes. The paper's f pools the network's output (it ends with BatchNorm +
+ReLU) directly; that head averages A linearly, so the feature modes would be exactly mixup of
+the pooled features (the columns of R sum to one, measured by the start-up check,
+alignmix_jax/inert_alignment.py); f's own BatchNorm + ReLU is the nonlinearity through which
+alignment acts. The class activation maps are then taken after it, where the pooling is
+(alignmix_jax/evaluation/localization.py), so CAM localisation is unchanged in kind.
+`--config.model.head_norm=False --config.mixup.allow_inert_alignment=True` is the paper's head.
+Training as for classification (all four mixup modes, lambda ~ Beta(2, 2), Sinkhorn eps = 0.1
+for 100 iterations), without boxes. Images resized to 256x256 and randomly cropped to 224x224
+(with a horizontal flip) in training, resized to 224x224 for testing. SGD for 600 epochs,
+learning rate 0.01 for the classifier g and 0.001 for the other layers, both x0.1 every 150
+epochs, momentum 0.9, weight decay 1e-4, batch size 16.
 
 Localisation (alignmix_jax/cam_localization.py): the class activation map of the last feature maps
 and the classifier's weights, resized to 224x224 and min-max normalised; top-1 localisation
@@ -57,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model.name = 'resnet50'
     config.model.width = 1.0
-    config.model.head_norm = False  # ResNet-50 ends with BatchNorm + ReLU
+    config.model.head_norm = True  # alignment is inert without it (see the docstring)
     config.model.last_stride = 1  # layer4 at stride 1: A is 14x14 at 224x224
     # A directory written by `python -m alignmix_jax.convert_torchvision`: ImageNet weights
     # that training starts from (all but a classifier of another number of classes).

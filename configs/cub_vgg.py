@@ -12,6 +12,8 @@ Everything as configs/cub_resnet50.py (data, augmentation, schedule, localisatio
   max pool, plus a 3x3 convolution of 1024 channels and ReLU (Zhou et al., 2016, whose
   "modified architecture" the appendix names), so A is 14x14x1024 at 224x224. torchvision's
   VGG-16 weights initialise the thirteen convolutions; the added one starts from He init.
+- f's BatchNorm + ReLU on conv6's ReLU output, as for ResNet-50 and for the same reason: without
+  it f averages A linearly and alignment changes nothing.
 - learning rate 0.001 for the classifier g and 0.0001 for the other layers (Appendix B),
   x0.1 every 150 epochs, 600 epochs, batch 16.
 
@@ -29,7 +31,7 @@ from configs import cub_resnet50
 def get_config():
     config = cub_resnet50.get_config()
     config.model.name = 'vgg16_gap'
-    config.model.head_norm = False  # A is conv6's ReLU output
+    config.model.head_norm = True  # A is conv6's ReLU output; inert without (docstring)
     config.model.last_stride = 1  # no fifth max pool: 14x14
     config.train.learning_rate = 0.0001
     config.train.classifier_learning_rate = 0.001

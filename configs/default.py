@@ -114,6 +114,11 @@ def get_config() -> ml_collections.ConfigDict:
     # paper): each pair's cost divided by its mean / largest entry first, so epsilon is relative
     # to the cost's scale and 100 iterations give doubly stochastic plans on trained features.
     config.mixup.cost_scale = 'none'
+    # Behind an f that averages A linearly (pooling, then linear layers), aligned mixing is
+    # exactly mixing the pooled features; training refuses to start there (the effect is
+    # measured on the first batch, alignmix_jax/inert_alignment.py) unless this is True
+    # (e.g. to reproduce the public code's pooled linear head on purpose).
+    config.mixup.allow_inert_alignment = False
     # AlignMix + CutMix (beyond the paper): each batch is a CutMix batch with this probability
     # (0.5 in the reproduction report), else a mode drawn from `modes` as usual. 0: off.
     config.mixup.cutmix_probability = 0.0

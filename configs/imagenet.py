@@ -15,7 +15,12 @@ The paper reports 20.32% top-1 error for AlignMix after 300 epochs (Table 1b) an
 the 100-epoch protocol (Table 5); this code has not been run on ImageNet (it needs GPUs).
 
 The protocol (Appendix B, following Kim et al., 2020): ResNet-50 (torchvision layout) as F,
-f = global average pooling (no extra BatchNorm: the network ends normalised), SGD for 300
+f = BatchNorm + ReLU, then global average pooling (beyond the paper, whose f pools the
+network's normalised output directly: that head averages A linearly, so behind it the feature
+modes are exactly mixup of the pooled features, the columns of R summing to one; the extra
+BatchNorm + ReLU is the nonlinearity through which alignment acts, as the start-up check,
+alignmix_jax/inert_alignment.py, measures; `--config.model.head_norm=False
+--config.mixup.allow_inert_alignment=True` is the paper's head), SGD for 300
 epochs with momentum 0.9 and weight decay 1e-4, learning rate 0.1 for the classifier g and
 0.01 for the other layers, both x0.1 at epochs 100 and 200; lambda ~ Beta(2, 2); Sinkhorn
 with eps = 0.1 for 100 iterations on the 7x7 feature tensors; all four mixup modes.
@@ -74,7 +79,9 @@ def get_config():
 
     config.model.name = 'resnet50'
     config.model.width = 1.0
-    config.model.head_norm = False  # ResNet-50 ends with BatchNorm + ReLU already
+    # ResNet-50 ends with BatchNorm + ReLU, but pooling it directly leaves alignment inert
+    # (see the docstring): f's own BatchNorm + ReLU comes first.
+    config.model.head_norm = True
     config.model.last_stride = 2  # A is 7x7x2048 at 224x224
 
     config.train.batch_size = 100  # global (see the docstring)

@@ -88,7 +88,7 @@ def forward(mode, model, variables, images, one_hot, lam=0.3):
 
 def test_baseline_mode_leaves_inputs_and_labels_untouched(tiny_model_and_batch):
     model, variables, images, one_hot = tiny_model_and_batch
-    logits, targets, batch_stats, plan, lam = forward('none', model, variables, images, one_hot)
+    logits, targets, batch_stats, plan, lam, _ = forward('none', model, variables, images, one_hot)
     np.testing.assert_array_equal(targets, one_hot)  # hard labels, not mixed
     assert plan is None and lam is None
     clean_logits, clean_updates = clean_forward(model, variables, images)
@@ -113,7 +113,7 @@ def stage_of(path) -> int:
 def test_manifold_mixup_mixes_at_the_chosen_stage_only(tiny_model_and_batch, level):
     model, variables, images, one_hot = tiny_model_and_batch
     lam = 0.3
-    logits, targets, batch_stats, _, used_lam = forward(f'hidden{level}', model, variables,
+    logits, targets, batch_stats, _, used_lam, _ = forward(f'hidden{level}', model, variables,
                                                         images, one_hot, lam)
     permutation = jnp.array([7, 0, 1, 2, 3, 4, 5, 6])
     np.testing.assert_allclose(targets, lam * one_hot + (1 - lam) * one_hot[permutation],
@@ -208,7 +208,7 @@ def test_methods_are_config_overrides():
 
 def test_config_variants_combine_a_backbone_and_a_method():
     config = cifar10.get_config('mobilenet_v2,alignmix_cutmix')
-    assert config.model.name == 'mobilenet_v2' and config.model.head_norm is False
+    assert config.model.name == 'mobilenet_v2' and config.model.head_norm is True
     assert config.model.mobilenet_v2.small_input is True
     assert config.mixup.cutmix_probability == 0.5 and config.mixup.cutmix_alpha == 1.0
     assert config.mixup.modes == ('input', 'embedding', 'feature', 'feature_prime')

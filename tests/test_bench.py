@@ -28,3 +28,7 @@ def test_bench_command_prints_a_table_and_a_json_last_line():
     assert figures['feature_shape'] == [16, 4, 4, 64]
     assert figures['alignment_ms'] > 0 and figures['input_images_per_second'] > 0
     assert figures['batch_size'] == 16 and figures['devices'] == 1
+    # train/alignment_effect's measurement runs inside the feature step: a part of its time.
+    assert 0 < figures['alignment_effect_ms'] < figures['step_ms']['feature']
+    assert figures['alignment_effect_share'] == (figures['alignment_effect_ms']
+                                                 / figures['step_ms']['feature'])

@@ -24,8 +24,9 @@ giving 32x32, 16x16, 8x8 and 4x4. `last_stride` is the stride of the 160-channel
 the last stage at the third's resolution, as ResNet's `last_stride`).
 
 A is the last convolution's BatchNorm + ReLU6 output, as torchvision's `features` returns it:
-the network ends normalised, so use it with `model.head_norm=False` (f is then global average
-pooling [+ Dense], as torchvision's classifier sees it, without its dropout).
+the network ends normalised; `model.head_norm=False` makes f global average pooling [+ Dense], as
+torchvision's classifier sees it (without its dropout), but behind that linear head alignment
+changes nothing, so configs/backbones.py keeps f's BatchNorm + ReLU (head_norm True).
 
 Parameter names, for converters from torchvision state_dicts (features.{i} there):
 'stem_conv', 'stem_norm' (features.0.{0,1}); 'block{1..17}' (features.{1..17}) each with
