@@ -36,6 +36,7 @@ from flax.training import train_state
 
 from alignmix_jax import alignment, augmentation, losses, mixup, pretrained, sharding
 from alignmix_jax.models import build_model_for_dataset
+from alignmix_jax.models.layers import pytorch_default_init
 
 
 class TrainState(train_state.TrainState):
@@ -87,6 +88,9 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     def initial_state():
         init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
         variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        if config.model.get('init', 'torchvision') == 'pytorch':
+            variables = {**variables, 'params': pytorch_default_init(
+                variables['params'], jax.random.fold_in(init_key, 1))}
         # .get: a network without BatchNorm (VGG-GAP) has no statistics.
         state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                                   tx=optimizer, batch_stats=variables.get('batch_stats', {}),

@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     # 'last_stride=1' removes the last downsampling (8x8 on CIFAR for R-18).
     config.model.last_stride = 2
     config.model.feature_pool = 1
+    # Initialisation (models/layers.py): 'torchvision', each layer's own (He normal fan_out
+    # convolutions, as torchvision's ResNets; what the public ImageNet code re-draws); 'pytorch',
+    # PyTorch's nn.Conv2d / nn.Linear defaults, U(+-1/sqrt(fan_in)) kernels and biases, what the
+    # public CIFAR and Tiny-ImageNet code keeps (configs/cifar10.py, cifar100.py, tiny_imagenet.py).
+    config.model.init = 'torchvision'
     config.model.dtype = 'float32'  # 'bfloat16' on GPUs; alignment always runs in float32
     # BatchNorm statistics in training: False, each device's slice of the batch (as PyTorch's
     # DataParallel, which the public code uses); True, the global batch (cross-device means).
@@ -131,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 'batch': one lambda per batch (the public code); 'example': one per pair, as Algorithm 1
     # writes it (timm's mode='elem'); CutMix then pastes one box per pair.
     config.mixup.lambda_per = 'batch'
+    # Train although the alignment is inert (behind pooling + linear the aligned modes equal
+    # mixup of pooled features); the start-up check refuses such configs otherwise.
+    config.mixup.allow_inert_alignment = False
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128
