@@ -96,7 +96,8 @@ class _MetricBuffer:
                 f'(mode {self.modes[bad]!r})')
         summary = {f'train/{key}': float(np.mean([m[key] for m in fetched if key in m]))
                    for key in ('loss', 'accuracy', 'lambda', 'marginal_error',
-                               'reconstruction_loss', 'kl_divergence', 'contrastive_loss')
+                               'reconstruction_loss', 'kl_divergence', 'contrastive_loss',
+                               'sinkhorn_iterations')
                    if any(key in m for m in fetched)}
         counts = Counter(self.modes)
         summary.update({f'train/mode_fraction/{mode}': counts[mode] / len(self.modes)

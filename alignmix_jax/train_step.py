@@ -134,12 +134,13 @@ def _train_stage(model, params, method, inputs, batch_stats, **kwargs):
 
 def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
                    mixup_config, box_key=None):
-    """Logits, soft targets, updated BatchNorm statistics, the plan (or None) and the lambda
-    the targets were mixed with (None for 'none') of one mode."""
+    """Logits, soft targets, updated BatchNorm statistics, the plan (or None; with
+    `mixup.sinkhorn='public'` the pair (plan, iterations run)) and the lambda the targets were
+    mixed with (None for 'none') of one mode."""
 
     stage = functools.partial(_train_stage, model, params)
 
-    plan = None
+    plan = iterations = None
     swap = mode in mixup.SWAPPED_MODES
     if mode == mixup.NO_MIXUP_MODE:
         # The baseline: e = f(F(x)) and the hard labels, through the same loss.
@@ -173,9 +174,12 @@ def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation
     elif mode in mixup.FEATURE_MODES:
         # Eq. (12) or (13): e = f(mix(A, A~)), A~ the anchor aligned to its partner.
         features, batch_stats = stage('features', images, batch_stats)
-        mixed_features, plan = mixup.mix_features(
+        mixed_features, plan, iterations = mixup.align_and_mix(
             features, permutation, lam, swap=swap, align=mixup_config.align,
-            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters)
+            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
+            sinkhorn=mixup_config.get('sinkhorn', 'paper'),
+            prime_plan=mixup_config.get('prime_plan', 'fresh'),
+            threshold=mixup_config.get('sinkhorn_threshold', 0.1))
         embedding, batch_stats = stage('embed', mixed_features, batch_stats)
     elif mode in mixup.TENSOR_EMBEDDING_MODES:
         # Table 8's E: Eq. (12) or (13) on E = conv(A) instead of A, then e = E flattened.
@@ -188,7 +192,10 @@ def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation
     else:
         raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.ALL_MODES}')
     logits = model.apply({'params': params}, embedding, method='classify')
-    targets = mixup.mixed_targets(one_hot, permutation, lam, swap=swap)
+    targets = mixup.mixed_targets(one_hot, permutation, lam, swap=mixup.targets_swapped(
+        mode, mixup_config.get('prime_plan', 'fresh')))
+    if iterations is not None:  # the public loop's iteration count, logged by the step
+        plan = (plan, iterations)
     return logits, targets, batch_stats, plan, lam
 
 
@@ -306,6 +313,9 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
     }
     if targets_lam is not None:  # CutMix's is the area-corrected one; 'none' mixes nothing
         step_metrics['lambda'] = targets_lam
+    if isinstance(plan, tuple):  # the public Sinkhorn loop: (plan, iterations)
+        plan, iterations = plan
+        step_metrics['sinkhorn_iterations'] = iterations.astype(jnp.float32)
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
     if contrastive_loss is not None:

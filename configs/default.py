@@ -119,6 +119,15 @@ def get_config() -> ml_collections.ConfigDict:
     # paper): each pair's cost divided by its mean / largest entry first, so epsilon is relative
     # to the cost's scale and 100 iterations give doubly stochastic plans on trained features.
     config.mixup.cost_scale = 'none'
+    # The Sinkhorn loop: 'paper', exactly sinkhorn_iters iterations (ott-jax); 'public', the
+    # public CIFAR code's loop, at most sinkhorn_iters, the batch stopping together once the
+    # mean L1 change of A's potential falls below sinkhorn_threshold (logs
+    # train/sinkhorn_iterations).
+    config.mixup.sinkhorn = 'paper'
+    config.mixup.sinkhorn_threshold = 0.1
+    # feat' (Eq. 13): 'fresh', its own plan from A' to A (Algorithm 1); 'reuse', the plan of A
+    # to A' read backwards, A R mixed with A' (the public CIFAR code; mixup.align_and_mix).
+    config.mixup.prime_plan = 'fresh'
     # AlignMix + CutMix (beyond the paper): each batch is a CutMix batch with this probability
     # (0.5 in the reproduction report), else a mode drawn from `modes` as usual. 0: off.
     config.mixup.cutmix_probability = 0.0

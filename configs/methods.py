@@ -22,6 +22,17 @@ Beta(alpha, alpha)):
 - alignmix_ae: AlignMixup/AE, the defaults plus the decoder and its 'clean' mode.
 - alignmix_cutmix (beyond the paper, the reproduction report's Section 4.1): each batch is a
   CutMix batch (alpha = 1) with probability 0.5, else one of AlignMix's four modes (alpha = 2).
+- alignmix_public: what the public CIFAR code trains, for parity runs against it. Per batch,
+  input mixup with probability 1/2, else aligned feature mixup in one of its two directions
+  (modes input, input, feature, feature_prime); its Sinkhorn loop (mixup.sinkhorn 'public':
+  at most 100 iterations, the batch stopping once the mean L1 change of A's potential falls
+  below 0.1); feat' from the plan of A to A' reused (mixup.prime_plan 'reuse'); its head,
+  pooling then the linear classifier (model.head_norm False); PyTorch's default
+  initialisation (model.init 'pytorch'). The loop and the reuse are two fields, not one, so
+  each difference from Algorithm 1 can be switched and measured on its own. Behind that head
+  the aligned modes are mixup of pooled features (alignment inert), which the start-up check
+  refuses unless mixup.allow_inert_alignment, set here: training what the public code
+  trains is the point of this method.
 
 `apply_variant(config, 'vit_small,cutmix')` applies a comma-separated list of methods and
 backbones (configs/backbones.py): the `:VARIANT` of the CIFAR and mini-reproduction configs.
@@ -42,6 +53,11 @@ METHODS = {
     'alignmix': {},
     'alignmix_ae': {'model.decoder': 'ae'},
     'alignmix_cutmix': {'mixup.cutmix_probability': 0.5, 'mixup.cutmix_alpha': 1.0},
+    'alignmix_public': {'mixup.modes': ('input', 'input', 'feature', 'feature_prime'),
+                        'mixup.sinkhorn': 'public', 'mixup.prime_plan': 'reuse',
+                        'mixup.sinkhorn_iters': 100, 'mixup.sinkhorn_threshold': 0.1,
+                        'model.head_norm': False, 'model.init': 'pytorch',
+                        'mixup.allow_inert_alignment': True},
 }
 
 
