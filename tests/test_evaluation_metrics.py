@@ -285,3 +285,18 @@ def test_paper_ood_sets_are_centre_cropped_folders(tmp_path, source):
     evaluator = ood.Evaluator(context, datasets=(f'{source}:{tmp_path}',), resize='resize')
     images = evaluator.ood_sets[f'{source}:{tmp_path}'].images
     np.testing.assert_array_equal(images, pictures[:, 2:34, 2:34])
+
+
+def test_pgd_without_random_start_starts_at_the_image_and_one_step_is_fgsm_sized():
+    images = jnp.asarray(np.random.default_rng(0).uniform(0.1, 0.9, (2, 4, 4, 3)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(48, 3)), jnp.float32)
+    labels = jnp.array([0, 2])
+    loss_fn = robustness.cross_entropy_loss(lambda x: x.reshape(2, -1) @ weights, labels)
+    unmoved = robustness.pgd(loss_fn, images, jax.random.PRNGKey(0), epsilon=4 / 255,
+                             step_size=2 / 255, num_steps=0, random_start=False)
+    np.testing.assert_array_equal(unmoved, images)
+    # One step from x of 4/255 in a 4/255 ball is FGSM at 4/255 (pixels far from 0 and 1).
+    one_step = robustness.pgd(loss_fn, images, jax.random.PRNGKey(0), epsilon=4 / 255,
+                              step_size=4 / 255, num_steps=1, random_start=False)
+    np.testing.assert_allclose(one_step, robustness.fgsm(loss_fn, images, epsilon=4 / 255),
+                               atol=1e-7)
