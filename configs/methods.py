@@ -5,7 +5,9 @@ Each method is the same training code (pipeline, schedule, logging) with these f
 
     python -m alignmix_jax.main --config=configs/cifar10.py:cutmix --workdir=runs/c10_cutmix
     python -m alignmix_jax.main --config=configs/cifar10.py \\
-        --config.mixup.modes="('cutmix',)" --config.mixup.alpha=1.0 --workdir=runs/c10_cutmix
+        --config.mixup.modes="('none',)" --config.mixup.alpha=1.0 \\
+        --config.mixup.cutmix_probability=0.5 --config.mixup.cutmix_alpha=1.0 \\
+        --workdir=runs/c10_cutmix
 
 are the same run. alpha is each method's own published value on CIFAR (lambda ~
 Beta(alpha, alpha)):
@@ -16,7 +18,10 @@ Beta(alpha, alpha)):
   the input and the outputs of the first two stages of F (their PreActResNet setting, k in
   {0, 1, 2}); alpha = 2, the value they report for manifold mixup on CIFAR.
 - cutmix (Yun et al., 2019): paste a box of x' with area (1 - lambda) into x, labels weighted
-  by the pasted area; alpha = 1 (their Beta(1, 1), i.e. lambda uniform), on every batch.
+  by the pasted area; alpha = 1 (their Beta(1, 1), i.e. lambda uniform). As their official
+  CIFAR recipe (cutmix_prob 0.5), a batch is a CutMix batch with probability 0.5, else a clean
+  one (mode 'none'); the paper ran its competitors with their official code.
+- cutmix_every_batch: the same CutMix on every batch (what `cutmix` was before).
 - alignmix: the paper's method, the defaults of configs/default.py (the four modes of
   Algorithm 1, alpha = 2).
 - alignmix_ae: AlignMixup/AE, the defaults plus the decoder and its 'clean' mode.
@@ -49,7 +54,9 @@ METHODS = {
     'baseline': {'mixup.modes': ('none',)},
     'input_mixup': {'mixup.modes': ('input',), 'mixup.alpha': 1.0},
     'manifold_mixup': {'mixup.modes': ('input', 'hidden1', 'hidden2'), 'mixup.alpha': 2.0},
-    'cutmix': {'mixup.modes': ('cutmix',), 'mixup.alpha': 1.0},
+    'cutmix': {'mixup.modes': ('none',), 'mixup.alpha': 1.0, 'mixup.cutmix_probability': 0.5,
+               'mixup.cutmix_alpha': 1.0},
+    'cutmix_every_batch': {'mixup.modes': ('cutmix',), 'mixup.alpha': 1.0},
     'alignmix': {},
     'alignmix_ae': {'model.decoder': 'ae'},
     'alignmix_cutmix': {'mixup.cutmix_probability': 0.5, 'mixup.cutmix_alpha': 1.0},
