@@ -1,8 +1,12 @@
 """Mixup of inputs, embeddings and aligned feature tensors (Algorithm 1 of the paper).
 
 Pure functions on arrays: the train step composes them with the model's stages
-F: x -> A, f: A -> e and g: e -> logits. One permutation pi and one lambda are drawn per
-mini-batch (Algorithm 1, lines 1 and 9), and every mode mixes example i with example pi(i).
+F: x -> A, f: A -> e and g: e -> logits. One permutation pi is drawn per mini-batch
+(Algorithm 1, line 1) and every mode mixes example i with example pi(i). Algorithm 1 draws
+lambda inside its loop over the examples (line 9), one per pair; by default we draw one per
+mini-batch instead (`config.mixup.lambda_per='batch'`), because the public AlignMixup code
+does (one np.random.beta per batch) and our parity runs follow it; `lambda_per='example'`
+draws one per pair as Algorithm 1 writes it (`sample_pairing`).
 AlignMixup/AE's fifth mode, 'clean', mixes nothing: its loss is `losses.reconstruction_loss`
 (line 7), plus `losses.gaussian_kl` for the VAE.
 
