@@ -59,6 +59,10 @@ def test_robustness_command(trained):
     assert results['pgd_top1_error'] >= results['clean_top1_error']
     assert results['pgd_steps'] == 20 and results['fgsm_epsilon'] == pytest.approx(8 / 255)
     assert 'PGD, eps 4/255, 20 steps of 2/255' in printed
+    # The paper gives only PGD's radius and step size: the JSON and table say the rest is ours.
+    assert results['pgd_random_start'] is True
+    assert "project's choices" in results['pgd_protocol_choices']
+    assert 'our choices, the paper gives only the radius and step size' in printed
 
 
 def test_calibration_command(trained):
