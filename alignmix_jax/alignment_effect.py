@@ -72,14 +72,15 @@ def with_batch_statistics(batch_stats, statistics) -> dict:
 
 
 def measure(mode: str, model, params, batch_stats, features, permutation, lam,
-            mixed_features, embedding) -> jax.Array:
+            mixed_features, embedding, *, swap: bool) -> jax.Array:
     """`train/alignment_effect` of one feature-mode (or embedding-tensor-mode) forward.
 
     `features`: what was mixed (A, or E in the embedding-tensor modes), `mixed_features` that
     mixed with alignment and `embedding` the e computed from it in train mode; `batch_stats`
-    the statistics f was applied with. No gradient flows through the figure.
+    the statistics f was applied with; `swap` whether the pair was mixed swapped, (A', A)
+    (feat', except with the public code's reused plan, which mixes A R with A' on (A, A')'s
+    lambda sides). No gradient flows through the figure.
     """
-    swap = mode in mixup.SWAPPED_MODES
     unaligned = mixup.mix(*mixup.pair(features, permutation, swap=swap), lam)
     if mode in mixup.TENSOR_EMBEDDING_MODES:
         # e = E flattened: nothing but a reshape between the mixing and e.

@@ -147,7 +147,8 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         embedding = single.apply(variables, mixed, train=True, method='embed',
                                  mutable=['batch_stats'])[0]
         measure = jax.jit(lambda *args: alignment_effect.measure(
-            feature_modes[0], single, params, batch_stats, *args))
+            feature_modes[0], single, params, batch_stats, *args,
+            swap=feature_modes[0] in mixup.SWAPPED_MODES))
         effect_ms = _median_milliseconds(
             lambda: measure(real_features, permutation, lam, mixed,
                             embedding).block_until_ready(), warmup=warmup, repeats=repeats)

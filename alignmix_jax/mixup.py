@@ -1,8 +1,12 @@
 """Mixup of inputs, embeddings and aligned feature tensors (Algorithm 1 of the paper).
 
 Pure functions on arrays: the train step composes them with the model's stages
-F: x -> A, f: A -> e and g: e -> logits. One permutation pi and one lambda are drawn per
-mini-batch (Algorithm 1, lines 1 and 9), and every mode mixes example i with example pi(i).
+F: x -> A, f: A -> e and g: e -> logits. One permutation pi is drawn per mini-batch
+(Algorithm 1, line 1) and every mode mixes example i with example pi(i). Algorithm 1 draws
+lambda inside its loop over the examples (line 9), one per pair; by default we draw one per
+mini-batch instead (`config.mixup.lambda_per='batch'`), because the public AlignMixup code
+does (one np.random.beta per batch) and our parity runs follow it; `lambda_per='example'`
+draws one per pair as Algorithm 1 writes it (`sample_pairing`).
 AlignMixup/AE's fifth mode, 'clean', mixes nothing: its loss is `losses.reconstruction_loss`
 (line 7), plus `losses.gaussian_kl` for the VAE.
 
@@ -52,6 +56,10 @@ BASELINE_MODES = (NO_MIXUP_MODE, CUTMIX_MODE) + HIDDEN_MODES
 ALL_MODES = MODES + TENSOR_EMBEDDING_MODES + BASELINE_MODES + (CLEAN_MODE,)
 # One lambda per batch, or one per pair (config.mixup.lambda_per).
 LAMBDA_PER = ('batch', 'example')
+# config.mixup.sinkhorn and config.mixup.prime_plan (`align_and_mix`): the paper's fixed-length
+# loop and fresh plan for feat', or the public CIFAR code's early-stopping loop and reused plan.
+SINKHORNS = ('paper', 'public')
+PRIME_PLANS = ('fresh', 'reuse')
 # Stream tag of the per-batch draw of config.mixup.probability (see scheduled_mode).
 _PROBABILITY_STREAM = 0x70726F62
 
@@ -215,23 +223,74 @@ def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
     position, is mixed linearly (Eq. 2); returned as the same kind of pair.
 
     `cost_scale` is `alignment.transport_plan`'s ('none': the paper's absolute epsilon).
+    `align_and_mix` is the same with the public code's Sinkhorn and plan reuse as options.
     """
+    mixed, plan, _ = align_and_mix(features, permutation, lam, swap=swap, align=align,
+                                   epsilon=epsilon, num_iters=num_iters, cost_scale=cost_scale)
+    return mixed, plan
+
+
+def targets_swapped(mode: str, prime_plan: str = 'fresh') -> bool:
+    """Whether `mode` mixes the swapped pair's targets (y', y): the swapped modes do, except
+    feat' with the public code's reused plan, which keeps A's label on the lambda side."""
+    return mode in SWAPPED_MODES and prime_plan == 'fresh'
+
+
+def align_and_mix(features, permutation: jax.Array, lam: jax.Array, *,
+                  swap: bool, align: bool, epsilon: float, num_iters: int,
+                  cost_scale: str = 'none', sinkhorn: str = 'paper',
+                  prime_plan: str = 'fresh', threshold: float = 0.1):
+    """`mix_features` with the public AlignMixup code's two choices as options; returns
+    (mixed, plans or None, Sinkhorn iterations run or None).
+
+    `sinkhorn` (config.mixup.sinkhorn): 'paper', `alignment.transport_plan` (exactly
+    `num_iters` iterations); 'public', `alignment.public_transport_plan` (at most `num_iters`,
+    the whole slice stopping once the mean L1 change of A's potential falls below `threshold`;
+    `cost_scale` must then be 'none', as the public cost is unscaled).
+
+    `prime_plan` (config.mixup.prime_plan), read with `swap` only: 'fresh', Eq. (13) with its
+    own plan from A' to A; 'reuse', as the public code: the plan P of A to A' is reused, A
+    laid out as A' by A~' = A R (R = r P transposed onto A''s positions), and the mix is
+    lam A~' + (1 - lam) A', its targets lam y + (1 - lam) y' (`targets_swapped` is False).
+    A plan solved from A to A' is exact on A''s marginal only, so behind a pooling head A~'
+    is A's positions weighted by the plan's unconverged row sums, not the mean of A.
+    """
+    if sinkhorn not in SINKHORNS:
+        raise ValueError(f'config.mixup.sinkhorn must be one of {SINKHORNS}; got {sinkhorn!r}')
+    if prime_plan not in PRIME_PLANS:
+        raise ValueError(f'config.mixup.prime_plan must be one of {PRIME_PLANS}; got '
+                         f'{prime_plan!r}')
     if isinstance(features, tuple):
         grid, class_token = features
-        mixed_grid, plan = mix_features(grid, permutation, lam, swap=swap, align=align,
-                                        epsilon=epsilon, num_iters=num_iters,
-                                        cost_scale=cost_scale)
+        mixed_grid, plan, iterations = align_and_mix(
+            grid, permutation, lam, swap=swap, align=align, epsilon=epsilon,
+            num_iters=num_iters, cost_scale=cost_scale, sinkhorn=sinkhorn,
+            prime_plan=prime_plan, threshold=threshold)
+        swapped = swap and prime_plan == 'fresh'
         mixed_class_token = (None if class_token is None
-                             else mix(*pair(class_token, permutation, swap=swap), lam))
-        return type(features)(mixed_grid, mixed_class_token), plan
-    anchor, partner = pair(features, permutation, swap=swap)
+                             else mix(*pair(class_token, permutation, swap=swapped), lam))
+        return type(features)(mixed_grid, mixed_class_token), plan, iterations
+    reuse = swap and prime_plan == 'reuse'
+    anchor, partner = pair(features, permutation, swap=swap and not reuse)
     if not align:
-        return mix(anchor, partner, lam), None
-    plan = alignment.transport_plan(anchor, partner, epsilon=epsilon, num_iters=num_iters,
-                                    cost_scale=cost_scale)
+        return mix(anchor, partner, lam), None, None
+    iterations = None
+    if sinkhorn == 'public':
+        if cost_scale != 'none':
+            raise ValueError("config.mixup.sinkhorn='public' solves the unscaled cost: set "
+                             "config.mixup.cost_scale='none'")
+        plan, iterations = alignment.public_transport_plan(
+            anchor, partner, epsilon=epsilon, max_iters=num_iters, threshold=threshold)
+    else:
+        plan = alignment.transport_plan(anchor, partner, epsilon=epsilon, num_iters=num_iters,
+                                        cost_scale=cost_scale)
+    if reuse:
+        # A~' = A R: position j of A' receives sum_i R_ij a_i (the plan read by columns).
+        return mix(alignment.apply_plan(jnp.swapaxes(plan, -1, -2), anchor), partner, lam), \
+            plan, iterations
     # Eq. (10): the anchor aligned to its partner, A~ = A' R^T (no gradient through the plan).
     aligned_partner = alignment.apply_plan(plan, partner)
-    return mix(anchor, aligned_partner, lam), plan
+    return mix(anchor, aligned_partner, lam), plan, iterations
 
 
 def alignment_effect(aligned_embeddings: jax.Array, unaligned_embeddings: jax.Array

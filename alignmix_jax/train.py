@@ -99,7 +99,8 @@ class _MetricBuffer:
                                            detector)
         summary = {f'train/{key}': float(np.mean([m[key] for m in fetched if key in m]))
                    for key in ('loss', 'accuracy', 'lambda', 'marginal_error', 'alignment_effect',
-                               'reconstruction_loss', 'kl_divergence', 'contrastive_loss')
+                               'sinkhorn_iterations', 'reconstruction_loss', 'kl_divergence',
+                               'contrastive_loss')
                    if any(key in m for m in fetched)}
         counts = Counter(self.modes)
         summary.update({f'train/mode_fraction/{mode}': counts[mode] / len(self.modes)

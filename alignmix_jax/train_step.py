@@ -45,6 +45,7 @@ from alignmix_jax import (
     sharding,
 )
 from alignmix_jax.models import build_model_for_dataset
+from alignmix_jax.models.layers import pytorch_default_init
 
 
 class TrainState(train_state.TrainState):
@@ -96,6 +97,9 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     def initial_state():
         init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
         variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        if config.model.get('init', 'torchvision') == 'pytorch':
+            variables = {**variables, 'params': pytorch_default_init(
+                variables['params'], jax.random.fold_in(init_key, 1))}
         # .get: a network without BatchNorm (VGG-GAP) has no statistics.
         state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                                   tx=optimizer, batch_stats=variables.get('batch_stats', {}),
@@ -139,13 +143,15 @@ def _train_stage(model, params, method, inputs, batch_stats, **kwargs):
 
 def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
                    mixup_config, box_key=None):
-    """Logits, soft targets, updated BatchNorm statistics, the plan (or None), the lambda
-    the targets were mixed with (None for 'none') and, in the aligned feature and
-    embedding-tensor modes, `alignment_effect.measure`'s figure (else None) of one mode."""
+    """Logits, soft targets, updated BatchNorm statistics, the plan (or None; with
+    `mixup.sinkhorn='public'` the pair (plan, iterations run)), the lambda the targets were
+    mixed with (None for 'none') and, in the aligned feature and embedding-tensor modes,
+    `alignment_effect.measure`'s figure (else None) of one mode."""
 
     stage = functools.partial(_train_stage, model, params)
 
-    plan, effect = None, None
+    plan = iterations = effect = None
+    prime_plan = mixup_config.get('prime_plan', 'fresh')
     swap = mode in mixup.SWAPPED_MODES
     if mode == mixup.NO_MIXUP_MODE:
         # The baseline: e = f(F(x)) and the hard labels, through the same loss.
@@ -179,15 +185,17 @@ def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation
     elif mode in mixup.FEATURE_MODES:
         # Eq. (12) or (13): e = f(mix(A, A~)), A~ the anchor aligned to its partner.
         features, batch_stats = stage('features', images, batch_stats)
-        mixed_features, plan = mixup.mix_features(
+        mixed_features, plan, iterations = mixup.align_and_mix(
             features, permutation, lam, swap=swap, align=mixup_config.align,
             epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
-            cost_scale=mixup_config.cost_scale)
+            cost_scale=mixup_config.cost_scale, sinkhorn=mixup_config.get('sinkhorn', 'paper'),
+            prime_plan=prime_plan, threshold=mixup_config.get('sinkhorn_threshold', 0.1))
         feature_stats = batch_stats
         embedding, batch_stats = stage('embed', mixed_features, batch_stats)
         if plan is not None:
-            effect = alignment_effect.measure(mode, model, params, feature_stats, features,
-                                              permutation, lam, mixed_features, embedding)
+            effect = alignment_effect.measure(
+                mode, model, params, feature_stats, features, permutation, lam, mixed_features,
+                embedding, swap=mixup.targets_swapped(mode, prime_plan))
     elif mode in mixup.TENSOR_EMBEDDING_MODES:
         # Table 8's E: Eq. (12) or (13) on E = conv(A) instead of A, then e = E flattened.
         features, batch_stats = stage('features', images, batch_stats)
@@ -199,11 +207,15 @@ def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation
         embedding = model.apply({'params': params}, mixed_tensor, method='flatten_embedding')
         if plan is not None:
             effect = alignment_effect.measure(mode, model, params, batch_stats, tensor,
-                                              permutation, lam, mixed_tensor, embedding)
+                                              permutation, lam, mixed_tensor, embedding,
+                                              swap=swap)
     else:
         raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.ALL_MODES}')
     logits = model.apply({'params': params}, embedding, method='classify')
-    targets = mixup.mixed_targets(one_hot, permutation, lam, swap=swap)
+    targets = mixup.mixed_targets(one_hot, permutation, lam,
+                                  swap=mixup.targets_swapped(mode, prime_plan))
+    if iterations is not None:  # the public loop's iteration count, logged by the step
+        plan = (plan, iterations)
     return logits, targets, batch_stats, plan, lam, effect
 
 
@@ -324,6 +336,9 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
     }
     if targets_lam is not None:  # CutMix's is the area-corrected one; 'none' mixes nothing
         step_metrics['lambda'] = jnp.mean(targets_lam)  # one per pair: their batch mean
+    if isinstance(plan, tuple):  # the public Sinkhorn loop: (plan, iterations)
+        plan, iterations = plan
+        step_metrics['sinkhorn_iterations'] = iterations.astype(jnp.float32)
     if plan is not None:
         step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
     if effect is not None:

@@ -5,7 +5,8 @@
 
 `apply_backbone(config, name)` sets these fields; the rest of the config (schedule, mixup) is
 unchanged. Each brings its own normalisation of A, so f has no BatchNorm + ReLU of its own
-(head_norm False), except MobileNetV2:
+(head_norm False), except MobileNetV2; the transformers keep timm's initialisation
+(model.init 'torchvision'):
 
 - preact_resnet18: the paper's network, as configs/default.py has it (nothing changes).
 - vit_small (DeiT-S): patches of 4x4 pixels, so A is an 8x8 grid of patch tokens (r = 64)
@@ -26,9 +27,9 @@ import ml_collections
 
 BACKBONES = {
     'preact_resnet18': {},
-    'vit_small': {'model.name': 'vit_small', 'model.head_norm': False,
+    'vit_small': {'model.name': 'vit_small', 'model.head_norm': False, 'model.init': 'torchvision',
                   'model.vit.patch_size': 4},
-    'swin_tiny': {'model.name': 'swin_tiny', 'model.head_norm': False,
+    'swin_tiny': {'model.name': 'swin_tiny', 'model.head_norm': False, 'model.init': 'torchvision',
                   'model.swin.patch_size': 2, 'model.swin.window_size': 4,
                   'model.last_stride': 1},
     'mobilenet_v2': {'model.name': 'mobilenet_v2', 'model.head_norm': True,

@@ -12,6 +12,11 @@ The comparison methods of Table 1 run with the same settings but their own modes
 manifold_mixup, cutmix, alignmix_ae, alignmix_cutmix). Backbones beyond the paper's
 (configs/backbones.py) the same way, alone or with a method: `:vit_small`, `:swin_tiny`,
 `:mobilenet_v2,baseline`.
+
+Initialisation (`model.init='pytorch'`): the public CIFAR code never re-initialises its
+PreActResNet18 or WRN16-8 (its WRN defines a conv_init but does not apply it), so every
+convolution and linear layer keeps PyTorch's default U(+-1/sqrt(fan_in)) weights and biases.
+`--config.model.init=torchvision` gives torchvision's He normal (fan_out) convolutions.
 """
 
 from configs import default, methods
@@ -22,6 +27,7 @@ def get_config(variant: str | None = None):
     and backbones of configs/methods.py and configs/backbones.py."""
     config = default.get_config()
     config.dataset.name = 'cifar10'
+    config.model.init = 'pytorch'  # the public CIFAR networks keep PyTorch's defaults
     if variant is not None:
         methods.apply_variant(config, variant)
     return config

@@ -8,6 +8,11 @@ The public code normalises CIFAR-100 with the CIFAR-10 statistics; so do we.
 `--config=configs/cifar100.py:cutmix` (or baseline, input_mixup, manifold_mixup, alignmix_ae,
 alignmix_cutmix) trains a comparison method of Table 1 instead (configs/methods.py); backbones
 beyond the paper's (configs/backbones.py) the same way: `:vit_small`, `:mobilenet_v2,cutmix`.
+
+Initialisation (`model.init='pytorch'`): the public CIFAR code never re-initialises its
+PreActResNet18 or WRN16-8 (its WRN defines a conv_init but does not apply it), so every
+convolution and linear layer keeps PyTorch's default U(+-1/sqrt(fan_in)) weights and biases.
+`--config.model.init=torchvision` gives torchvision's He normal (fan_out) convolutions.
 """
 
 from configs import default, methods
@@ -18,6 +23,7 @@ def get_config(variant: str | None = None):
     and backbones of configs/methods.py and configs/backbones.py."""
     config = default.get_config()
     config.dataset.name = 'cifar100'
+    config.model.init = 'pytorch'  # the public CIFAR networks keep PyTorch's defaults
     if variant is not None:
         methods.apply_variant(config, variant)
     return config

@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     # 'last_stride=1' removes the last downsampling (8x8 on CIFAR for R-18).
     config.model.last_stride = 2
     config.model.feature_pool = 1
+    # Initialisation (models/layers.py): 'torchvision', each layer's own (He normal fan_out
+    # convolutions, as torchvision's ResNets; what the public ImageNet code re-draws); 'pytorch',
+    # PyTorch's nn.Conv2d / nn.Linear defaults, U(+-1/sqrt(fan_in)) kernels and biases, what the
+    # public CIFAR and Tiny-ImageNet code keeps (configs/cifar10.py, cifar100.py, tiny_imagenet.py).
+    config.model.init = 'torchvision'
     config.model.dtype = 'float32'  # 'bfloat16' on GPUs; alignment always runs in float32
     # BatchNorm statistics in training: False, each device's slice of the batch (as PyTorch's
     # DataParallel, which the public code uses); True, the global batch (cross-device means).
@@ -114,6 +119,15 @@ def get_config() -> ml_collections.ConfigDict:
     # paper): each pair's cost divided by its mean / largest entry first, so epsilon is relative
     # to the cost's scale and 100 iterations give doubly stochastic plans on trained features.
     config.mixup.cost_scale = 'none'
+    # The Sinkhorn loop: 'paper', exactly sinkhorn_iters iterations (ott-jax); 'public', the
+    # public CIFAR code's loop, at most sinkhorn_iters, the batch stopping together once the
+    # mean L1 change of A's potential falls below sinkhorn_threshold (logs
+    # train/sinkhorn_iterations).
+    config.mixup.sinkhorn = 'paper'
+    config.mixup.sinkhorn_threshold = 0.1
+    # feat' (Eq. 13): 'fresh', its own plan from A' to A (Algorithm 1); 'reuse', the plan of A
+    # to A' read backwards, A R mixed with A' (the public CIFAR code; mixup.align_and_mix).
+    config.mixup.prime_plan = 'fresh'
     # Behind an f that averages A linearly (pooling, then linear layers), aligned mixing is
     # exactly mixing the pooled features; training refuses to start there (the effect is
     # measured on the first batch, alignmix_jax/inert_alignment.py) unless this is True
@@ -180,13 +194,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.evals.classification = ml_collections.ConfigDict()
     config.evals.classification.batch_size = 0
     # Paper Table 2 (the protocol of Kim et al. 2020): FGSM in an l-inf ball of 8/255; PGD in
-    # one of 4/255, steps of 2/255, uniform random start; pixels in [0, 1].
+    # one of 4/255, steps of 2/255; pixels in [0, 1]. PGD's 20 steps and uniform random start
+    # are this project's choices (the paper gives neither).
     config.evals.robustness = ml_collections.ConfigDict()
     config.evals.robustness.batch_size = 0
     config.evals.robustness.fgsm_epsilon = 8 / 255
     config.evals.robustness.pgd_epsilon = 4 / 255
     config.evals.robustness.pgd_step_size = 2 / 255
     config.evals.robustness.pgd_steps = 20
+    config.evals.robustness.pgd_random_start = True
     config.evals.robustness.num_examples = 0  # > 0: a fixed random subset of the test set
     config.evals.robustness.seed = 0  # PGD's random start
     config.evals.calibration = ml_collections.ConfigDict()

@@ -57,6 +57,11 @@ Variants:
   --config.dataset.data_dir=PATH --config.train.batch_size=8 --config.train.num_epochs=1
   --config.train.lr_decay_epochs="()"
   --config.model.width=0.125 --config.dataset.image_size=64 --config.dataset.eval_resize=73.
+
+Initialisation (`model.init='torchvision'`): the public ImageNet code builds its own ResNet-50
+and re-draws every convolution from a normal of variance 2 / (k * k * out_channels), BatchNorm
+at 1 and 0, as torchvision's ResNets do; its linear classifier keeps PyTorch's default. Ours
+is the same up to the classifier's bias, which starts at zero.
 """
 
 from configs import default
@@ -83,6 +88,7 @@ def get_config():
     # (see the docstring): f's own BatchNorm + ReLU comes first.
     config.model.head_norm = True
     config.model.last_stride = 2  # A is 7x7x2048 at 224x224
+    config.model.init = 'torchvision'  # the public code's own re-initialisation (see above)
 
     config.train.batch_size = 100  # global (see the docstring)
     config.train.num_epochs = 300

@@ -32,6 +32,10 @@ give 4x4). The public code keeps this layout for 64x64 inputs (no stride-2 stem,
 pooling; its head averages over 8x8), so alignment couples r = 64 positions (64x64 transport
 plans) instead of CIFAR's 16. `--config.model.feature_pool=2` would align at 4x4 instead;
 that is not the public code's setting.
+
+Initialisation (`model.init='pytorch'`): the public Tiny-ImageNet code, as its CIFAR code, keeps
+PyTorch's default initialisation of its PreActResNet18 (U(+-1/sqrt(fan_in)) for every
+convolution and linear layer; nothing re-initialises them).
 """
 
 from configs import default
@@ -53,6 +57,7 @@ def get_config():
     # Stride 2 in the last stage, no pooling of A: A is 8x8 on 64x64 inputs (see above).
     config.model.last_stride = 2
     config.model.feature_pool = 1
+    config.model.init = 'pytorch'  # the public code keeps PyTorch's defaults (see above)
 
     config.train.batch_size = 128
     config.train.num_epochs = 1200

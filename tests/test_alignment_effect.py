@@ -33,7 +33,7 @@ def _measured(model, variables, features):
                                mutable=['batch_stats'])
     effect = alignment_effect.measure('feature', model, variables['params'],
                                       variables['batch_stats'], features, PERMUTATION, LAM,
-                                      mixed, embedding)
+                                      mixed, embedding, swap=False)
     return float(effect), np.asarray(plan, np.float64)
 
 

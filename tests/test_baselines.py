@@ -195,7 +195,10 @@ def test_each_baseline_mode_trains_through_the_step_and_compiles_once():
 def test_methods_are_config_overrides():
     config = methods.apply_method(make_tiny_config(), 'manifold_mixup')
     assert config.mixup.modes == ('input', 'hidden1', 'hidden2') and config.mixup.alpha == 2.0
-    assert methods.command_line('cutmix') == \
+    assert methods.command_line('cutmix') == (
+        """--config.mixup.modes="('none',)" --config.mixup.alpha=1.0 """
+        '--config.mixup.cutmix_probability=0.5 --config.mixup.cutmix_alpha=1.0')
+    assert methods.command_line('cutmix_every_batch') == \
         """--config.mixup.modes="('cutmix',)" --config.mixup.alpha=1.0"""
     assert methods.command_line('alignmix') == ''
     with pytest.raises(ValueError, match='unknown method .*valid methods: baseline, '):
@@ -214,7 +217,9 @@ def test_config_variants_combine_a_backbone_and_a_method():
     assert config.mixup.modes == ('input', 'embedding', 'feature', 'feature_prime')
     vit = mini_reproduction.get_config('vit_small')  # the method defaults to AlignMix
     assert (vit.model.name, vit.model.vit.patch_size, vit.model.width) == ('vit_small', 4, 0.25)
-    assert cifar10.get_config('swin_tiny,cutmix').mixup.modes == ('cutmix',)
+    assert cifar10.get_config('swin_tiny,cutmix_every_batch').mixup.modes == ('cutmix',)
+    cutmix = cifar10.get_config('swin_tiny,cutmix').mixup
+    assert (cutmix.modes, cutmix.cutmix_probability, cutmix.cutmix_alpha) == (('none',), 0.5, 1.0)
     assert methods.command_line('alignmix_cutmix') == \
         '--config.mixup.cutmix_probability=0.5 --config.mixup.cutmix_alpha=1.0'
     with pytest.raises(ValueError, match="unknown config variant 'vit'; valid: methods "):
@@ -253,7 +258,8 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
             assert run['wall_seconds'] > 0
         assert summary[method]['final_mean'] == pytest.approx(np.mean(finals))
         assert summary[method]['final_std'] == pytest.approx(np.std(finals, ddof=1))
-    assert summary['cutmix']['modes'] == ['cutmix'] and summary['cutmix']['alpha'] == 1.0
+    # CutMix on half the batches, clean ones otherwise (the official recipe).
+    assert summary['cutmix']['modes'] == ['none'] and summary['cutmix']['alpha'] == 1.0
     table = (tmp_path / 'results.md').read_text()
     assert table.splitlines()[0].startswith('| method | modes (alpha) | final test accuracy')
     baseline_row = next(line for line in table.splitlines() if line.startswith('| baseline '))
@@ -281,5 +287,5 @@ def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown method 'mixmix'; valid methods: baseline, input_mixup, manifold_mixup, "
-        'cutmix, alignmix, alignmix_ae, alignmix_cutmix')
+        'cutmix, cutmix_every_batch, alignmix, alignmix_ae, alignmix_cutmix, alignmix_public')
     assert not (tmp_path / 'runs').exists()

@@ -1,5 +1,7 @@
 """The evaluation metrics and attacks on fixed inputs, against values worked out by hand."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,9 +56,12 @@ def test_ece_is_zero_when_calibrated_and_bins_are_right_closed():
 def test_detection_metrics_by_hand():
     in_scores, out_scores = np.array([0.9, 0.8, 0.4]), np.array([0.5, 0.3])
     figures = ood.detection_metrics(in_scores, out_scores)
+    # Threshold 0.5: 0.9, 0.8 of 3 ID scores >= it (0.4 is not); of the OOD scores 0.3 is
+    # below it and 0.5 is not (>= counts as ID): (2/3 + 1/2) / 2 = 7/12.
+    assert figures['detection_accuracy'] == pytest.approx(7 / 12)
+    assert figures['detection_threshold'] == 0.5
     # Best threshold 0.8: 2 of 3 ID scores >= it, both OOD scores below: (2/3 + 1) / 2.
-    assert figures['detection_accuracy'] == pytest.approx(5 / 6)
-    assert figures['detection_accuracy_at_0.5'] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert figures['best_threshold_detection_accuracy'] == pytest.approx(5 / 6)
     # ID above OOD in 5 of the 6 pairs (0.4 < 0.5).
     assert figures['auroc'] == pytest.approx(5 / 6)
     # Ranked 0.9 in, 0.8 in, 0.5 out, 0.4 in, 0.3 out: precisions 1, 1, 3/4 at the ID hits.
@@ -83,8 +88,21 @@ def test_detection_metrics_on_random_scores_against_scikit_learn_and_pair_counts
     # Detection accuracy: the best of all thresholds, tried one by one.
     brute_force = max(0.5 * (np.mean(in_scores >= t) + np.mean(out_scores < t))
                       for t in np.r_[scores, np.inf])
-    assert figures['detection_accuracy'] == pytest.approx(brute_force)
-    assert figures['detection_accuracy'] > 0.5
+    assert figures['best_threshold_detection_accuracy'] == pytest.approx(brute_force)
+    assert figures['best_threshold_detection_accuracy'] > 0.5
+    assert figures['detection_accuracy'] == pytest.approx(
+        0.5 * (np.mean(in_scores >= 0.5) + np.mean(out_scores < 0.5)))
+
+
+def test_detection_accuracy_at_threshold_on_fixed_scores():
+    in_scores = np.array([0.95, 0.7, 0.5, 0.45, 0.2])
+    out_scores = np.array([0.6, 0.49, 0.3, 0.1])
+    # ID >= 0.5: 0.95, 0.7, 0.5 (3/5); OOD < 0.5: 0.49, 0.3, 0.1 (3/4): (0.6 + 0.75) / 2.
+    assert ood.detection_accuracy(in_scores, out_scores) == pytest.approx(0.675)
+    # At 0.65: ID 2/5, OOD 4/4: 0.7, the best of all thresholds (t = 0.45: ID 4/5, OOD 2/4,
+    # 0.65; t = 0.2: ID 5/5, OOD 1/4, 0.625).
+    assert ood.detection_accuracy(in_scores, out_scores, threshold=0.65) == pytest.approx(0.7)
+    assert ood.best_threshold_detection_accuracy(in_scores, out_scores) == pytest.approx(0.7)
 
 
 def _linear_model(num_classes=10, image_shape=(4, 4, 3), seed=0):
@@ -253,3 +271,32 @@ def test_unknown_kind_and_options_are_one_line_errors():
 def test_format_table():
     table = common.format_table(('name', 'value'), [('a', 1.23456), ('bbb', 7)])
     assert table.splitlines() == ['name  value', '----  -----', 'a     1.23', 'bbb   7']
+
+
+@pytest.mark.parametrize('source', ['lsun_crop', 'isun', 'tiny_imagenet_crop'])
+def test_paper_ood_sets_are_centre_cropped_folders(tmp_path, source):
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (3, 36, 36, 3), dtype=np.uint8)  # ODIN's 36x36 images
+    (tmp_path / 'test').mkdir()
+    for index, picture in enumerate(pictures):
+        Image.fromarray(picture).save(tmp_path / 'test' / f'{index}.png')
+    context = types.SimpleNamespace(image_shape=(32, 32, 3), batch_size=10, dataset=None)
+    # resize='resize' is ignored: the crop is these sets' protocol.
+    evaluator = ood.Evaluator(context, datasets=(f'{source}:{tmp_path}',), resize='resize')
+    images = evaluator.ood_sets[f'{source}:{tmp_path}'].images
+    np.testing.assert_array_equal(images, pictures[:, 2:34, 2:34])
+
+
+def test_pgd_without_random_start_starts_at_the_image_and_one_step_is_fgsm_sized():
+    images = jnp.asarray(np.random.default_rng(0).uniform(0.1, 0.9, (2, 4, 4, 3)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(48, 3)), jnp.float32)
+    labels = jnp.array([0, 2])
+    loss_fn = robustness.cross_entropy_loss(lambda x: x.reshape(2, -1) @ weights, labels)
+    unmoved = robustness.pgd(loss_fn, images, jax.random.PRNGKey(0), epsilon=4 / 255,
+                             step_size=2 / 255, num_steps=0, random_start=False)
+    np.testing.assert_array_equal(unmoved, images)
+    # One step from x of 4/255 in a 4/255 ball is FGSM at 4/255 (pixels far from 0 and 1).
+    one_step = robustness.pgd(loss_fn, images, jax.random.PRNGKey(0), epsilon=4 / 255,
+                              step_size=4 / 255, num_steps=1, random_start=False)
+    np.testing.assert_allclose(one_step, robustness.fgsm(loss_fn, images, epsilon=4 / 255),
+                               atol=1e-7)

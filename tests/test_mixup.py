@@ -239,3 +239,29 @@ def test_alignment_effect_is_nonzero_behind_a_nonlinearity_or_a_flattened_f(head
     effect, expected = _alignment_effect_of_head(heads[head_name])
     assert expected > 0.01
     assert effect == pytest.approx(expected, rel=1e-4)
+
+
+def test_align_and_mix_public_loop_and_reused_plan_match_their_formulas():
+    features = jax.random.normal(jax.random.PRNGKey(3), (4, 2, 2, 5))
+    permutation = jnp.array([2, 3, 0, 1])
+    lam = 0.3
+    options = dict(align=True, epsilon=0.1, num_iters=100, sinkhorn='public')
+    plan, iterations = alignment.public_transport_plan(features, features[permutation])
+    mixed, got_plan, got_iterations = mixup.align_and_mix(
+        features, permutation, lam, swap=False, prime_plan='reuse', **options)
+    np.testing.assert_allclose(got_plan, plan, rtol=1e-4, atol=1e-6)
+    assert int(got_iterations) == int(iterations)
+    np.testing.assert_allclose(mixed, lam * features + (1 - lam) * alignment.apply_plan(
+        plan, features[permutation]), atol=1e-5)
+    # feat' reusing the plan of A to A': lam A R + (1 - lam) A', targets not swapped.
+    mixed_prime, _, _ = mixup.align_and_mix(features, permutation, lam, swap=True,
+                                            prime_plan='reuse', **options)
+    positions = features.reshape(4, 4, 5)
+    a_r = jnp.einsum('bij,bic->bjc', 4 * plan, positions).reshape(features.shape)
+    np.testing.assert_allclose(mixed_prime, lam * a_r + (1 - lam) * features[permutation],
+                               atol=1e-5)
+    assert not mixup.targets_swapped('feature_prime', 'reuse')
+    assert mixup.targets_swapped('feature_prime', 'fresh')
+    with pytest.raises(ValueError, match="config.mixup.sinkhorn must be one of"):
+        mixup.align_and_mix(features, permutation, lam, swap=False, align=True, epsilon=0.1,
+                            num_iters=10, sinkhorn='ott')

@@ -9,6 +9,10 @@ train step uses: the model's stages (`features`, `embed`, `classify`), `mixup.mi
 `train_step.make_optimizer`. The aligned modes use the public variant: the plan of
 `alignment.public_transport_plan`, and for 'feature_prime' the plan of A to A' reused (A R).
 
+`test_real_step_matches_pytorch` runs the train step itself (`train_step.make_train_step` with
+the `alignmix_public` config) and feeds the transcription the augmentation, permutation and
+lambda the step derives from its keys.
+
 One difference is known and converted here rather than hidden: PyTorch's running variance
 averages the unbiased batch variance (n / (n - 1) times the biased one Flax averages), n the
 number of values per channel the layer normalised.
@@ -21,9 +25,10 @@ import numpy as np
 import optax
 import pytest
 
-from alignmix_jax import alignment, losses, mixup
+from alignmix_jax import alignment, augmentation, losses, mixup, sharding, train_step
 from alignmix_jax.models.classifier import Classifier
 from alignmix_jax.train_step import make_optimizer
+from configs import cifar10
 
 torch = pytest.importorskip('torch', reason='the parity test runs the PyTorch transcription: '
                             'pip install torch (CPU build)')
@@ -193,3 +198,49 @@ def test_sgd_steps_match_pytorch(initial_variables, mode, num_steps):
         expected_stats, torch_state['batch_stats'], rtol=2e-6, what='BatchNorm statistic')
     print(f'{mode} x{num_steps}: loss {float(loss):.6f} (torch {result["loss"]:.6f}); worst '
           'relative errors ' + ', '.join(f'{name} {value:.1e}' for name, value in worst.items()))
+
+
+@pytest.mark.parametrize('mode', ['input', 'feature', 'feature_prime'])
+def test_real_step_matches_pytorch(initial_variables, mode):
+    """The compiled step of `alignmix_public` against the transcription, two steps."""
+    config = cifar10.get_config('alignmix_public')
+    config.model.width = WIDTH
+    config.train.lr_decay_epochs = ()
+    model = Classifier(num_classes=CLASSES, width=WIDTH, use_head_norm=False)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state = train_step.create_train_state(config, model, (32, 32, 3), 10, mesh)
+    state = state.replace(params=jax.tree.map(jnp.asarray, initial_variables['params']),
+                          batch_stats=jax.tree.map(jnp.asarray, initial_variables['batch_stats']))
+    state = state.replace(opt_state=state.tx.init(state.params))
+    step_fn = train_step.make_train_step(model, config, mesh)
+
+    torch_model = torch_reference.build_classifier(CLASSES, WIDTH)
+    torch_reference.load_flax_variables(torch_model, initial_variables)
+    torch_optimizer = torch_reference.make_optimizer(torch_model, 0.1, 0.9, 1e-4)
+    rng = np.random.default_rng(1)
+    expected_stats = jax.tree.map(np.array, initial_variables['batch_stats'])
+    for _ in range(2):
+        raw = rng.integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+        # The draws device_gradients makes on device 0 at this step.
+        device_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+        augment_key, pairing_key = jax.random.split(device_key)
+        images = augmentation.normalize(augmentation.augment(augment_key, jnp.asarray(raw)),
+                                        config.dataset.mean, config.dataset.std)
+        permutation, lam = mixup.sample_pairing(pairing_key, BATCH, config.mixup.alpha)
+        previous_stats = jax.device_get(state.batch_stats)  # the step donates the state
+        result = torch_reference.train_step(
+            torch_model, torch_optimizer, torch_reference.to_torch_images(images),
+            torch.from_numpy(labels.astype(np.int64)),
+            torch.from_numpy(np.asarray(permutation).astype(np.int64)), float(lam), mode)
+        state, metrics = step_fn(state, *sharding.global_batch((raw, labels), mesh), mode=mode)
+        expected_stats = as_torch_running_var(state.batch_stats, previous_stats, expected_stats)
+        np.testing.assert_allclose(float(metrics['loss']), result['loss'], rtol=2e-6)
+        if mode != 'input':
+            assert float(metrics['sinkhorn_iterations']) == result['iterations']
+            assert 1 <= result['iterations'] <= 100
+    torch_state = torch_reference.flax_tree(torch_model)
+    assert_parameters_close(jax.device_get(state.params), torch_state['params'],
+                            initial_variables['params'])
+    assert_trees_close(expected_stats, torch_state['batch_stats'], rtol=2e-6,
+                       what='BatchNorm statistic')

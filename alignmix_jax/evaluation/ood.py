@@ -6,10 +6,12 @@ The score of an image is its largest softmax probability (Hendrycks & Gimpel 201
 in-distribution (ID) images, the test split, low for out-of-distribution (OOD) ones. For each
 OOD set (`config.evals.ood.datasets`):
 
-- detection accuracy: max over thresholds t of 0.5 * (TPR_ID(t) + TNR_OOD(t)), with
-  TPR_ID(t) the fraction of ID scores >= t and TNR_OOD(t) that of OOD scores < t (the balanced
-  accuracy of the best threshold, as in ODIN, Liang et al. 2018); the paper's text says "a
-  threshold of 0.5", which we also report as `detection_accuracy_at_0.5` (t = 0.5 on the score);
+- `detection_accuracy` (the headline, the paper's protocol after Hendrycks and Gimpel): the
+  balanced accuracy 0.5 * (TPR_ID(t) + TNR_OOD(t)) at the threshold t = 0.5 on the maximum
+  softmax probability, TPR_ID(t) the fraction of ID scores >= t and TNR_OOD(t) that of OOD
+  scores < t;
+- `best_threshold_detection_accuracy`: the same maximised over every threshold (as in ODIN,
+  Liang et al. 2018), an upper bound that uses the OOD labels to choose t, reported beside it;
 - AUROC with ID as positive (the same number with OOD as positive and the negated score);
 - AUPR with ID as positive (`aupr_in`, the score) and with OOD as positive (`aupr_out`, the
   negated score), as scikit-learn's average precision.
@@ -19,6 +21,10 @@ OOD sets:
   deviation 0.5), clipped to [0, 1] (paper Appendix C, Table 6). Drawn with a fixed key, as many
   as the test set has (`num_noise_images`), and stored as uint8 like any image (rounding moves a
   pixel by at most 1/510).
+- The paper's OOD sets (Table 3), as ODIN (Liang et al. 2018) distributes them, by name:
+  'lsun_crop:PATH', 'isun:PATH', 'tiny_imagenet_crop:PATH', PATH the folder their archive
+  extracts to (README: "Out-of-distribution sets"). Their images (36x36) are centre-cropped to
+  the input size (32x32) whatever `resize` says: the crop is part of these sets' protocol.
 - 'tfds:NAME' or 'tfds:NAME:SPLIT' (default split 'test'): a tfds dataset prepared in
   `data_dir`; 'image_folder:PATH': every image file below PATH (e.g. LSUN, iSUN, Tiny-ImageNet
   test images). Both are fitted to the input size by `resize`: 'crop' takes the central window
@@ -41,9 +47,22 @@ from alignmix_jax.data import common as data_common
 from alignmix_jax.evaluation import common
 
 _NOISE_STREAMS = {'uniform': 0, 'gaussian': 1}
+# The paper's OOD sets of Table 3 (ODIN's archives), named sources of image folders that are
+# centre-cropped to the input size: name -> what the README calls the set.
+PAPER_SETS = {'lsun_crop': 'LSUN (crop)', 'isun': 'iSUN',
+              'tiny_imagenet_crop': 'Tiny-ImageNet (crop)'}
+# The paper's threshold on the maximum softmax probability (after Hendrycks and Gimpel).
+DETECTION_THRESHOLD = 0.5
 
 
-def detection_accuracy(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+def detection_accuracy(in_scores: np.ndarray, out_scores: np.ndarray,
+                       threshold: float = DETECTION_THRESHOLD) -> float:
+    """0.5 * (P(in score >= threshold) + P(out score < threshold))."""
+    return float(0.5 * (np.mean(np.asarray(in_scores) >= threshold)
+                        + np.mean(np.asarray(out_scores) < threshold)))
+
+
+def best_threshold_detection_accuracy(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """max_t 0.5 * (P(in score >= t) + P(out score < t)) over every distinct score and +inf."""
     in_sorted, out_sorted = np.sort(in_scores), np.sort(out_scores)
     thresholds = np.append(np.unique(np.concatenate([in_scores, out_scores])), np.inf)
@@ -59,8 +78,9 @@ def detection_metrics(in_scores: np.ndarray, out_scores: np.ndarray) -> dict:
     scores = np.concatenate([in_scores, out_scores])
     return {
         'detection_accuracy': detection_accuracy(in_scores, out_scores),
-        'detection_accuracy_at_0.5': float(0.5 * (np.mean(in_scores >= 0.5)
-                                                  + np.mean(out_scores < 0.5))),
+        'detection_threshold': DETECTION_THRESHOLD,
+        'best_threshold_detection_accuracy': best_threshold_detection_accuracy(
+            in_scores, out_scores),
         'auroc': float(sk_metrics.roc_auc_score(is_in, scores)),
         'aupr_in': float(sk_metrics.average_precision_score(is_in, scores)),
         'aupr_out': float(sk_metrics.average_precision_score(1 - is_in, -scores)),
@@ -174,13 +194,17 @@ class Evaluator:
                 raise ValueError("the OOD set 'held_out' needs classes held out of training: "
                                  "set config.dataset.held_out_classes as when training")
             images = held_out.images
+        elif name.partition(':')[0] in PAPER_SETS and name.partition(':')[2]:
+            images = folder_images(name.partition(':')[2], image_shape, 'crop')
         elif name.startswith('image_folder:'):
             images = folder_images(name.removeprefix('image_folder:'), image_shape, resize)
         elif name.startswith('tfds:'):
             images = tfds_images(name.removeprefix('tfds:'), data_dir, image_shape, resize)
         else:
             raise ValueError(f"unknown OOD set {name!r}; expected 'uniform', 'gaussian', "
-                             "'held_out', 'image_folder:PATH' or 'tfds:NAME[:SPLIT]'")
+                             "'held_out', 'lsun_crop:PATH', 'isun:PATH', "
+                             "'tiny_imagenet_crop:PATH', 'image_folder:PATH' or "
+                             "'tfds:NAME[:SPLIT]'")
         if not len(images):
             raise ValueError(f'the OOD set {name!r} holds no images')
         return data.Split(images=images, labels=np.zeros(len(images), np.int32))
@@ -199,12 +223,12 @@ class Evaluator:
         return results
 
     def table(self, results: dict) -> str:
-        columns = ('detection_accuracy', 'auroc', 'aupr_in', 'aupr_out',
-                   'detection_accuracy_at_0.5')
+        columns = ('detection_accuracy', 'best_threshold_detection_accuracy', 'auroc',
+                   'aupr_in', 'aupr_out')
         rows = [(name, *(100 * figures[column] for column in columns),
                  figures['num_out']) for name, figures in results.items()]
-        header = ('OOD set (%)', 'Det Acc', 'AUROC', 'AUPR (ID)', 'AUPR (OOD)',
-                  'Det Acc at 0.5', 'OOD images')
+        header = ('OOD set (%)', 'Det Acc (t=0.5)', 'Det Acc (best t)', 'AUROC', 'AUPR (ID)',
+                  'AUPR (OOD)', 'OOD images')
         num_in = next(iter(results.values()))['num_in']
         return common.format_table(header, rows) + f'\n(ID: {num_in} test images)'
 

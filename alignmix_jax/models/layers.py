@@ -6,11 +6,16 @@ patch embedding of the transformers (the ViT and Swin).
 Initialisation: convolution kernels are drawn from He et al. (2015)'s normal distribution
 scaled by fan_out (std = sqrt(2 / (k * k * out_channels))), as torchvision initialises its
 ResNets; BatchNorm starts at scale 1, bias 0. Transformer weights as timm's (`transformer_init`).
+`config.model.init='pytorch'` instead redraws the convolutional networks' Conv and Dense layers
+as PyTorch's own defaults draw them (`pytorch_default_init`), what the public CIFAR and
+Tiny-ImageNet code trains from.
 """
 
 from typing import Any
 
+import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 weighs the new batch; Flax's weighs the old
@@ -20,6 +25,59 @@ BN_EPSILON = 1e-5
 
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): untruncated normal, variance 2 / fan_out.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+# config.model.init: 'torchvision', each layer's own initialiser (the convolutions above, Dense
+# kernels U(+-1/sqrt(fan_in)) with zero bias, timm's for the transformers); 'pytorch', PyTorch's
+# reset_parameters of nn.Conv2d and nn.Linear for every Conv and Dense of F, f and g.
+INITS = ('torchvision', 'pytorch')
+# The parameter groups 'pytorch' redraws: the public networks' parts (a decoder's transposed
+# convolutions count fan_in differently in PyTorch and keep their own initialiser).
+PYTORCH_INIT_GROUPS = ('encoder', 'tensor_embedding', 'embedding', 'classifier')
+# Encoders whose parameters are all Conv, Dense and BatchNorm (the transformers' attention
+# kernels have no PyTorch counterpart of that shape: they keep timm's initialisation).
+PYTORCH_INIT_ENCODERS = ('preact_resnet18', 'wide_resnet16_8', 'resnet50', 'vgg16_gap',
+                         'mobilenet_v2')
+
+
+def check_init(init: str, encoder_name: str) -> None:
+    """A one-line error for an unknown `model.init` or 'pytorch' on a transformer."""
+    if init not in INITS:
+        raise ValueError(f'unknown model.init {init!r}; valid: {", ".join(INITS)}')
+    if init == 'pytorch' and encoder_name not in PYTORCH_INIT_ENCODERS:
+        raise ValueError(f"model.init='pytorch' is for the convolutional networks "
+                         f"({', '.join(PYTORCH_INIT_ENCODERS)}); set model.init='torchvision' "
+                         f'for {encoder_name}')
+
+
+def pytorch_default_init(params, key: jax.Array):
+    """`params` with every Conv and Dense layer of PYTORCH_INIT_GROUPS redrawn as PyTorch's
+    nn.Conv2d / nn.Linear reset_parameters draw them; BatchNorm (scale 1, bias 0, as PyTorch's)
+    is left as it is.
+
+    PyTorch draws the weight from kaiming_uniform_(a=sqrt(5)): bound gain * sqrt(3 / fan_in)
+    with gain sqrt(2 / (1 + a^2)) = sqrt(1/3), i.e. U(+-1/sqrt(fan_in)); the bias from
+    U(+-1/sqrt(fan_in)) too. fan_in is the kernel's size over all but its output axis (h * w *
+    in_channels / groups for a Conv, in_features for a Dense), the same count as PyTorch's.
+    A layer is a dict holding a 2-d (Dense) or 4-d (Conv) 'kernel'; each gets its own key,
+    folded from its place among the sorted layer paths.
+    """
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    layers = {path[:-1] for path, value in flat.items()
+              if path[-1] == 'kernel' and value.ndim in (2, 4)
+              and path[0] in PYTORCH_INIT_GROUPS}
+    redrawn = dict(flat)
+    for index, layer in enumerate(sorted(layers)):
+        kernel = flat[(*layer, 'kernel')]
+        bound = 1.0 / float(kernel[..., 0].size) ** 0.5
+        kernel_key, bias_key = jax.random.split(jax.random.fold_in(key, index))
+        redrawn[(*layer, 'kernel')] = jax.random.uniform(
+            kernel_key, kernel.shape, kernel.dtype, -bound, bound)
+        if (*layer, 'bias') in flat:
+            bias = flat[(*layer, 'bias')]
+            redrawn[(*layer, 'bias')] = jax.random.uniform(
+                bias_key, bias.shape, bias.dtype, -bound, bound)
+    return flax.traverse_util.unflatten_dict(redrawn)
 
 
 def scaled_channels(channels: int, width: float) -> int:
