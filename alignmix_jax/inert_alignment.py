@@ -5,7 +5,7 @@ linear layers: the public code's head), the columns of R sum to one, so the spat
 A' R^T is that of A' and the feature modes are exactly mixup of the pooled features. Whether a
 model is such a model is decided by measuring it, not by its config's names, so the check holds
 for every backbone: before the first step, `check_alignment_acts` runs a feature mode's forward
-(`train_step.mixed_forward`, whose `alignment_effect.measure` is the step's own
+(`mode_forward.mixed_forward`, whose `alignment_effect.measure` is the step's own
 `train/alignment_effect`) with the initial model on the first batch, and refuses the run when
 the effect is below `alignment_effect.INERT_THRESHOLD`. The pairs are fixed (each image with
 the next one, lambda = 1/2), so no pair is an image with itself and the figure does not depend
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignmix_jax import alignment_effect, augmentation, mixup, train_step
+from alignmix_jax import alignment_effect, augmentation, mixup, mode_forward
 
 # Enough pairs to measure f's response; fewer than a large run's batch, so the check is cheap.
 _CHECK_EXAMPLES = 16
@@ -45,7 +45,7 @@ def startup_effect(config: ml_collections.ConfigDict, model, variables, images,
     model = model.clone(batch_norm_axis=None)
 
     def effect(variables, batch):
-        return train_step.mixed_forward(
+        return mode_forward.mixed_forward(
             mode, model, variables['params'], variables.get('batch_stats', {}), batch,
             jnp.zeros((size, model.num_classes), jnp.float32), permutation, jnp.float32(0.5),
             config.mixup)[5]

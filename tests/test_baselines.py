@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alignmix_jax import data, mixup, reproduction_runs, sharding, train, train_step
+from alignmix_jax import data, mixup, mode_forward, reproduction_runs, sharding, train, train_step
 from alignmix_jax.models import Classifier, build_model
 from configs import cifar10, methods, mini_reproduction
 from tests.conftest import REPO_ROOT, fit_one_batch, init_key, make_tiny_config
@@ -81,7 +81,7 @@ def clean_forward(model, variables, images):
 def forward(mode, model, variables, images, one_hot, lam=0.3):
     config = make_tiny_config().mixup
     permutation = jnp.array([7, 0, 1, 2, 3, 4, 5, 6])
-    return train_step.mixed_forward(mode, model, variables['params'], variables['batch_stats'],
+    return mode_forward.mixed_forward(mode, model, variables['params'], variables['batch_stats'],
                                 images, one_hot, permutation, jnp.float32(lam), config,
                                 jax.random.PRNGKey(3))
 
