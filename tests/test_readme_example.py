@@ -40,3 +40,14 @@ def test_readme_example_trains_and_prints_what_the_readme_says(capsys):
     changed = jax.tree.map(lambda old, new: bool(np.any(np.asarray(old) != np.asarray(new))),
                            before, after)
     assert all(jax.tree.leaves(changed)), changed
+
+    # The example's alignment acts: g's logits of the aligned mix differ from those of the
+    # same pair and lambda mixed without alignment (behind pooling + linear they would not).
+    api, features_of, head = namespace['api'], namespace['F'], namespace['g']
+    features = features_of.apply(before['F'], namespace['images'])
+    key, labels = jax.random.PRNGKey(1), namespace['labels']
+    aligned, unaligned = (api.mix_aligned_features(key, features, labels, 10, 2.0, align=align)
+                          for align in (True, False))
+    difference = np.abs(np.asarray(head.apply(before['g'], aligned.mixed))
+                        - np.asarray(head.apply(before['g'], unaligned.mixed)))
+    assert difference.max() > 1e-3, difference.max()
