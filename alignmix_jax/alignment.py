@@ -35,11 +35,11 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from alignmix_jax.config_choices import COST_SCALES
+
 # A threshold no marginal error can fall below. With min_iterations == max_iterations ott runs a
 # fixed-length scan and never consults it; it is negative so that would stay true if it did.
 _NEVER_CONVERGED = -1.0
-# 'none': the paper's absolute epsilon; 'mean', 'max': epsilon relative to that entry of the cost.
-COST_SCALES = ('none', 'mean', 'max')
 
 
 def _positions(features: jax.Array) -> jax.Array:

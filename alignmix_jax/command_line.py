@@ -10,6 +10,7 @@ import collections
 import contextlib
 import logging as python_logging
 import os
+import sys
 
 from absl import flags, logging
 
@@ -87,15 +88,22 @@ def hide_library_info(record: python_logging.LogRecord) -> bool:
     return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
 
 
+# The user-error classes beside ValueError: (module, class name).
+_USER_ERROR_CLASSES = (('alignmix_jax.checkpointing', 'CheckpointError'),
+                       ('alignmix_jax.data.common', 'DatasetError'),
+                       ('alignmix_jax.workdir_lock', 'WorkdirLockedError'))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user causes through the config, the data or the workdir, each raised with
     a message that says what to do. ValueError is every setting (config_checks) and every
-    data-dependent size check; WorkdirLockedError, another run in the workdir. Imported late:
-    their modules import JAX and TensorFlow."""
-    from alignmix_jax.checkpointing import CheckpointError
-    from alignmix_jax.data import DatasetError
-    from alignmix_jax.workdir_lock import WorkdirLockedError
-    return (ValueError, CheckpointError, DatasetError, FloatingPointError, WorkdirLockedError)
+    data-dependent size check; WorkdirLockedError, another run in the workdir. The other
+    classes are taken only from modules already imported (an error of a module never imported
+    cannot have been raised), so a bad setting is reported without importing JAX or TensorFlow,
+    which those modules import."""
+    return (ValueError, FloatingPointError) + tuple(
+        getattr(sys.modules[module], name) for module, name in _USER_ERROR_CLASSES
+        if module in sys.modules)
 
 
 @contextlib.contextmanager

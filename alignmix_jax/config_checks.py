@@ -20,7 +20,9 @@ from collections.abc import Callable
 
 import ml_collections
 
-from alignmix_jax import evaluation, mixup, models
+# Only modules that import no JAX, Flax, ott-jax or TensorFlow: the check runs (and a bad setting
+# is reported) before those seconds-long imports.
+from alignmix_jax import config_choices, evaluation
 
 
 def _number(value) -> bool:
@@ -43,6 +45,16 @@ def _probability(value) -> bool:
 def _integer_at_least(minimum: int) -> Callable[[object], bool]:
     return lambda value: isinstance(value, int) and not isinstance(value, bool) and \
         value >= minimum
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object], bool]:
+    return lambda value: value in choices
+
+
+def _names(choices: tuple[str, ...]) -> str:
+    """'a', 'b' or 'c'."""
+    quoted = [repr(choice) for choice in choices]
+    return ', '.join(quoted[:-1]) + ' or ' + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
 _POSITIVE, _NON_NEGATIVE = '> 0 (a finite number)', '>= 0 (a finite number)'
@@ -76,11 +88,13 @@ _RULES = (
     ('mixup.epsilon', _positive, _POSITIVE + ': the entropic regularisation of Eq. (9)'),
     ('mixup.sinkhorn_iters', _integer_at_least(1), 'an integer >= 1'),
     ('mixup.cutmix_probability', _probability, _PROBABILITY),
-    ('mixup.sinkhorn', lambda value: value in mixup.SINKHORNS, "'paper' or 'public'"),
-    ('mixup.prime_plan', lambda value: value in mixup.PRIME_PLANS, "'fresh' or 'reuse'"),
+    ('mixup.sinkhorn', _one_of(config_choices.SINKHORNS), _names(config_choices.SINKHORNS)),
+    ('mixup.prime_plan', _one_of(config_choices.PRIME_PLANS),
+     _names(config_choices.PRIME_PLANS)),
+    ('mixup.cost_scale', _one_of(config_choices.COST_SCALES),
+     _names(config_choices.COST_SCALES)),
     ('mixup.sinkhorn_threshold', _positive, _POSITIVE),
-    ('model.init', lambda value: value in ('torchvision', 'pytorch'),
-     "'torchvision' or 'pytorch'"),
+    ('model.init', _one_of(config_choices.INITS), _names(config_choices.INITS)),
     ('mixup.cutmix_alpha', _positive, _POSITIVE),
     ('train.batch_size', _integer_at_least(1), 'an integer >= 1'),
     ('train.num_epochs', _integer_at_least(1), 'an integer >= 1'),
@@ -163,16 +177,19 @@ def _check_sequences(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_names(config: ml_collections.ConfigDict) -> None:
-    """Model name, dtype and decoder; the mixup modes (mixup.validate_modes's own rules)."""
+    """Model name, init, dtype and decoder; the mixup modes (validate_modes's own rules)."""
     model_config = config.model
-    models.encoder_class(model_config.name)  # its own one-line error naming the valid names
-    if model_config.dtype not in models.DTYPES:
-        raise _fail('model.dtype', f'one of {", ".join(models.DTYPES)}', model_config.dtype)
-    if model_config.decoder not in models.DECODER_TYPES:
-        raise _fail('model.decoder', f'one of {", ".join(models.DECODER_TYPES)}',
+    config_choices.check_model_name(model_config.name)  # one line naming the valid names
+    config_choices.check_init(model_config.get('init', 'torchvision'), model_config.name)
+    if model_config.dtype not in config_choices.DTYPES:
+        raise _fail('model.dtype', f'one of {", ".join(config_choices.DTYPES)}',
+                    model_config.dtype)
+    if model_config.decoder not in config_choices.DECODER_TYPES:
+        raise _fail('model.decoder', f'one of {", ".join(config_choices.DECODER_TYPES)}',
                     model_config.decoder)
-    mixup.validate_modes(config.mixup.modes, with_decoder=model_config.decoder != 'none',
-                         encoder_stages=models.encoder_stages(model_config.name))
+    config_choices.validate_modes(
+        config.mixup.modes, with_decoder=model_config.decoder != 'none',
+        encoder_stages=config_choices.ENCODER_STAGES[model_config.name])
     unknown = [kind for kind in config.train.evals if kind not in evaluation.KINDS]
     if unknown:
         raise _fail('train.evals', f'a tuple of evaluation kinds among '
@@ -180,12 +197,15 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_mixup_options(mixup_config: ml_collections.ConfigDict) -> None:
-    """timm's four options (issue 17), by mixup.check_options's own rules; a config made
-    before they existed has their neutral defaults."""
-    mixup.check_options(label_smoothing=mixup_config.get('label_smoothing', 0.0),
+    """timm's four options (issue 17), by config_choices.check_options's own rules; a config
+    made before they existed has their neutral defaults."""
+    config_choices.check_options(label_smoothing=mixup_config.get('label_smoothing', 0.0),
                         probability=mixup_config.get('probability', 1.0),
                         off_epoch=mixup_config.get('off_epoch'),
                         lambda_per=mixup_config.get('lambda_per', 'batch'))
+    if mixup_config.get('sinkhorn') == 'public' and mixup_config.get('cost_scale') != 'none':
+        raise _fail('mixup.cost_scale', "'none' with config.mixup.sinkhorn='public' (the "
+                    'public loop solves the unscaled cost)', mixup_config.cost_scale)
 
 
 def _check_schedule(train_config: ml_collections.ConfigDict) -> None:

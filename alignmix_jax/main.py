@@ -33,8 +33,12 @@ def main(argv):
     logging.get_absl_handler().addFilter(hide_library_info)
     with one_line_errors():
         # The settings first, before TensorFlow, the devices or the data are touched.
-        from alignmix_jax import config_checks
+        # No JAX or TensorFlow yet: a bad setting is reported within a second.
+        from alignmix_jax import config_checks, data
         config_checks.validate(FLAGS.config)
+        train_size = data.known_train_size(FLAGS.config.dataset)
+        if train_size is not None:
+            config_checks.check_training_set(FLAGS.config, train_size)
         # TensorFlow only reads data here; keep it off the accelerators JAX uses.
         import tensorflow as tf
         tf.config.set_visible_devices([], 'GPU')

@@ -20,6 +20,10 @@ A transformer's representations are tokens rather than one tensor: a pair (grid,
 the patch tokens at their grid positions (b, h, w, c) and the class token (b, c) or None
 (`models.vit.PatchTokens`). `mix` and `pair` act on every part of such a pair alike;
 `mix_features` aligns the grid and mixes the class token linearly.
+
+The mode names and the checks of a mode list and of timm's options are pure Python and live in
+`config_choices` (the settings check reads them before JAX is imported); they are imported
+here, so `mixup.FEATURE_MODE`, `mixup.validate_modes` etc. name the same objects.
 """
 
 import functools
@@ -29,74 +33,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignmix_jax import alignment
+from alignmix_jax.config_choices import (  # noqa: F401
+    ALL_MODES,
+    BASELINE_MODES,
+    CLEAN_MODE,
+    CUTMIX_MODE,
+    EMBEDDING_MODE,
+    EMBEDDING_TENSOR_MODE,
+    EMBEDDING_TENSOR_PRIME_MODE,
+    FEATURE_MODE,
+    FEATURE_MODES,
+    FEATURE_PRIME_MODE,
+    HIDDEN_MODES,
+    INPUT_MODE,
+    LAMBDA_PER,
+    MODES,
+    NO_MIXUP_MODE,
+    PRIME_PLANS,
+    SINKHORNS,
+    SWAPPED_MODES,
+    TENSOR_EMBEDDING_MODES,
+    check_options,
+    hidden_stage,
+    validate_modes,
+)
 
-# 'feature_prime' is Algorithm 1's feat': the feature mode with the pair (and the labels) swapped,
-# so that A' is aligned to A and mixed by Eq. (13) instead of Eq. (12).
-INPUT_MODE = 'input'  # Eq. (3): mix x
-EMBEDDING_MODE = 'embedding'  # Eq. (5): mix e
-FEATURE_MODE = 'feature'  # Eq. (12): mix A with A~, A's partner aligned to A
-FEATURE_PRIME_MODE = 'feature_prime'  # Eq. (13)
-MODES = (INPUT_MODE, EMBEDDING_MODE, FEATURE_MODE, FEATURE_PRIME_MODE)
-FEATURE_MODES = (FEATURE_MODE, FEATURE_PRIME_MODE)
-# Table 8's {x, E}: the same two modes on the embedding tensor E instead of A (models with
-# embedding_tensor_channels > 0).
-EMBEDDING_TENSOR_MODE = 'embedding_tensor'
-EMBEDDING_TENSOR_PRIME_MODE = 'embedding_tensor_prime'
-TENSOR_EMBEDDING_MODES = (EMBEDDING_TENSOR_MODE, EMBEDDING_TENSOR_PRIME_MODE)
-# Modes that swap the pair and the labels (Algorithm 1, line 17).
-SWAPPED_MODES = (FEATURE_PRIME_MODE, EMBEDDING_TENSOR_PRIME_MODE)
-# AlignMixup/AE's fifth choice (Algorithm 1, lines 5-7): no mixup, reconstruction of x.
-CLEAN_MODE = 'clean'
-# The baselines' modes: no mixup, CutMix, and mixing the output of stage k of F (manifold
-# mixup's hidden layers; which k exist depends on the encoder).
-NO_MIXUP_MODE = 'none'
-CUTMIX_MODE = 'cutmix'
-HIDDEN_MODES = ('hidden1', 'hidden2', 'hidden3')
-BASELINE_MODES = (NO_MIXUP_MODE, CUTMIX_MODE) + HIDDEN_MODES
-ALL_MODES = MODES + TENSOR_EMBEDDING_MODES + BASELINE_MODES + (CLEAN_MODE,)
-# One lambda per batch, or one per pair (config.mixup.lambda_per).
-LAMBDA_PER = ('batch', 'example')
-# config.mixup.sinkhorn and config.mixup.prime_plan (`align_and_mix`): the paper's fixed-length
-# loop and fresh plan for feat', or the public CIFAR code's early-stopping loop and reused plan.
-SINKHORNS = ('paper', 'public')
-PRIME_PLANS = ('fresh', 'reuse')
 # Stream tag of the per-batch draw of config.mixup.probability (see scheduled_mode).
 _PROBABILITY_STREAM = 0x70726F62
-
-
-def hidden_stage(mode: str) -> int:
-    """The stage k whose output a 'hiddenk' mode mixes."""
-    if mode not in HIDDEN_MODES:
-        raise ValueError(f'{mode!r} is not one of the hidden-stage modes {HIDDEN_MODES}')
-    return int(mode.removeprefix('hidden'))
-
-
-def validate_modes(modes, *, with_decoder: bool = False,
-                   encoder_stages: int = 4) -> tuple[str, ...]:
-    """The modes to draw from, as a tuple; raises a one-line error naming unknown ones.
-
-    With a decoder, 'clean' joins the listed mixup modes (Algorithm 1, line 2: five choices
-    drawn uniformly), unless it is listed already (list it twice to draw it twice as often).
-    Without one, 'clean' is an error. 'hiddenk' needs an encoder of more than k stages
-    (`encoder_stages`; the output of the last one is A, mixed by the feature modes).
-    """
-    modes = tuple(modes)
-    valid = ALL_MODES if with_decoder else MODES + TENSOR_EMBEDDING_MODES + BASELINE_MODES
-    unknown = [mode for mode in modes if mode not in valid]
-    if not modes or unknown:
-        raise ValueError(
-            f'config.mixup.modes must be a non-empty list of {valid}; got {modes}'
-            + ('' if with_decoder else " ('clean' needs config.model.decoder 'ae' or 'vae')"))
-    too_deep = [mode for mode in modes
-                if mode in HIDDEN_MODES and hidden_stage(mode) >= encoder_stages]
-    if too_deep:
-        hidden = HIDDEN_MODES[:max(encoder_stages - 1, 0)]
-        raise ValueError(f'config.mixup.modes: {too_deep[0]!r} needs an encoder with more than '
-                         f'{hidden_stage(too_deep[0])} stages; this one has {encoder_stages} '
-                         f'(hidden modes: {hidden or "none"})')
-    if with_decoder and CLEAN_MODE not in modes:
-        modes += (CLEAN_MODE,)
-    return modes
 
 
 def sample_pairing(key: jax.Array, batch_size: int, alpha: float, *,
@@ -113,24 +76,6 @@ def sample_pairing(key: jax.Array, batch_size: int, alpha: float, *,
     shape = (batch_size,) if lambda_per == 'example' else ()
     lam = jax.random.beta(lam_key, alpha, alpha, shape)
     return permutation, lam
-
-
-def check_options(*, label_smoothing: float = 0.0, probability: float = 1.0,
-                  off_epoch: int | None = None, lambda_per: str = 'batch') -> None:
-    """Raises a one-line error for a timm option out of range (config.mixup's four fields);
-    the train step can call it once with the config's values before it compiles. Values that
-    are not Python numbers (traced arrays) are left to the caller."""
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f'config.mixup.label_smoothing must lie in [0, 1); got '
-                         f'{label_smoothing}')
-    if isinstance(probability, (int, float)) and not 0.0 <= probability <= 1.0:
-        raise ValueError(f'config.mixup.probability must lie in [0, 1]; got {probability}')
-    if off_epoch is not None and off_epoch < 0:
-        raise ValueError(f'config.mixup.off_epoch must be None or an epoch >= 0; got '
-                         f'{off_epoch}')
-    if lambda_per not in LAMBDA_PER:
-        raise ValueError(f'config.mixup.lambda_per must be one of {LAMBDA_PER}; got '
-                         f'{lambda_per!r}')
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:

@@ -77,7 +77,9 @@ def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     """`config` with each comma-separated name of `variant` applied: a method of METHODS or a
-    backbone of configs/backbones.py (at most one of each); returns it."""
+    backbone of configs/backbones.py (at most one of each); returns it. The method first, then
+    the backbone, whatever their order in `variant`: the backbone's architecture fields win
+    (e.g. the transformers keep timm's initialisation under alignmix_public's 'pytorch')."""
     names = [name.strip() for name in variant.split(',') if name.strip()]
     unknown = [name for name in names
                if name not in METHODS and name not in backbones.BACKBONES]
@@ -92,7 +94,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     for name in names:
         if name in METHODS:
             apply_method(config, name)
-        else:
+    for name in names:
+        if name in backbones.BACKBONES:
             backbones.apply_backbone(config, name)
     return config
 

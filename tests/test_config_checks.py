@@ -93,6 +93,11 @@ BAD_SETTINGS = [
      '>= 1; got 0'),
     ('evals.ood.resize', 'stretch', "config.evals.ood.resize must be 'crop' or 'resize'; got "
      "'stretch'"),
+    ('mixup.cost_scale', 'median', "config.mixup.cost_scale must be 'none', 'mean' or 'max'; "
+     "got 'median'"),
+    ('mixup.sinkhorn', 'fast', "config.mixup.sinkhorn must be 'paper' or 'public'; got 'fast'"),
+    ('model.init', 'xavier', "config.model.init must be 'torchvision' or 'pytorch'; got "
+     "'xavier'"),
 ]
 
 
@@ -168,3 +173,51 @@ def test_commands_print_one_error_line_before_loading_data(tmp_path, command):
     assert 'Traceback' not in result.stderr
     assert 'Config:' not in result.stderr  # main stopped before logging the config
     print(f'{command}: {elapsed:.1f} s')
+
+
+# Settings given on the command line, the first line each prints, in a process that must not
+# have imported JAX, Flax, ott-jax or TensorFlow when it prints it (their imports take seconds).
+MAIN_BAD_SETTINGS = [
+    (['--config.mixup.alpha=-1'],
+     'error: config.mixup.alpha must be > 0 (a finite number): lambda ~ Beta(alpha, alpha); '
+     'got -1.0'),
+    (["--config.mixup.modes=('bogus',)"], "error: config.mixup.modes must be a non-empty list "
+     "of ('input', 'embedding', 'feature', 'feature_prime', 'embedding_tensor', "
+     "'embedding_tensor_prime', 'none', 'cutmix', 'hidden1', 'hidden2', 'hidden3'); got "
+     "('bogus',) ('clean' needs config.model.decoder 'ae' or 'vae')"),
+    (['--config.model.name=resnet99'], "error: unknown model name 'resnet99'; valid names: "
+     'preact_resnet18, wide_resnet16_8, resnet50, vgg16_gap, mobilenet_v2, vit_small, '
+     'swin_tiny'),
+    (['--config.model.name=vit_small', '--config.model.init=pytorch'],
+     "error: model.init='pytorch' is for the convolutional networks (preact_resnet18, "
+     "wide_resnet16_8, resnet50, vgg16_gap, mobilenet_v2); set model.init='torchvision' for "
+     'vit_small'),
+    (['--config.mixup.sinkhorn=public', '--config.mixup.cost_scale=mean'],
+     "error: config.mixup.cost_scale must be 'none' with config.mixup.sinkhorn='public' (the "
+     "public loop solves the unscaled cost); got 'mean'"),
+    (['--config.train.batch_size=5001'], 'error: config.train.batch_size must be at most the '
+     'number of training examples, 5000; got 5001'),  # the demo's 5,000, before decoding
+    (['--config.dataset.name=cifar10', '--config.dataset.train_subset=100'],
+     'error: config.train.batch_size must be at most the number of training examples, 100; '
+     'got 128'),
+]
+_RUN_MAIN = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module('alignmix_jax.main', run_name='__main__', alter_sys=True)
+except SystemExit as exit:
+    print(exit.code)
+    print(sorted(name for name in ('flax', 'jax', 'ott', 'tensorflow') if name in sys.modules))
+"""
+
+
+def test_main_reports_a_bad_setting_before_importing_jax_or_tensorflow(tmp_path):
+    """The cause of a slow error is the import of JAX and TensorFlow (seconds); main checks
+    every setting, and the batch size against a training set of known size, before them."""
+    for flags_given, message in MAIN_BAD_SETTINGS:
+        result = subprocess.run(
+            [sys.executable, '-c', _RUN_MAIN, 'main', '--config=configs/demo.py',
+             f'--workdir={tmp_path}', *flags_given],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert result.stdout.splitlines() == [message, '[]'], (flags_given, result.stderr)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from alignmix_jax import sharding, train_step
+from alignmix_jax.config_choices import check_init
 from alignmix_jax.models import build_model
-from alignmix_jax.models.layers import check_init, pytorch_default_init
+from alignmix_jax.models.layers import pytorch_default_init
 from configs import cifar10, default, imagenet
 
 

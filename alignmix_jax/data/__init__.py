@@ -34,8 +34,8 @@ LOADERS = {
 _HOLD_OUT_LOADERS = (in_memory.load_in_memory,)
 
 __all__ = ['DEMO_DATA_PATH', 'LOADERS', 'Dataset', 'DatasetError', 'DatasetNotFoundError',
-           'Split', 'eval_batches', 'hold_out_classes', 'load_dataset', 'steps_per_epoch',
-           'train_batches']
+           'Split', 'eval_batches', 'hold_out_classes', 'known_train_size', 'load_dataset',
+           'steps_per_epoch', 'train_batches']
 
 
 def load_dataset(dataset_config: ml_collections.ConfigDict):
@@ -48,3 +48,11 @@ def load_dataset(dataset_config: ml_collections.ConfigDict):
     if dataset_config.get('held_out_classes') and loader not in _HOLD_OUT_LOADERS:
         raise DatasetError(f'held_out_classes needs a dataset held in memory, not {name}')
     return loader(dataset_config)
+
+
+def known_train_size(dataset_config: ml_collections.ConfigDict) -> int | None:
+    """The training set's size when it is known before loading (`in_memory.known_train_size`);
+    None for the other sources, whose size is checked once they are listed."""
+    if LOADERS.get(dataset_config.name) is in_memory.load_in_memory:
+        return in_memory.known_train_size(dataset_config)
+    return None

@@ -43,6 +43,8 @@ DEMO_DATA_PATH = pathlib.Path(__file__).resolve().parent / 'demo' / 'cifar10_dem
 TFDS_DOWNLOAD_HOSTS = {'cifar10': 'www.cs.toronto.edu', 'cifar100': 'www.cs.toronto.edu'}
 _PROBE_TIMEOUT_SECONDS = 10.0
 _SPLITS = ('train', 'test')
+# The training split's size of each tfds dataset (known before it is read).
+TFDS_TRAIN_SIZES = {'cifar10': 50_000, 'cifar100': 50_000}
 
 
 def load_in_memory(dataset_config: ml_collections.ConfigDict) -> Dataset:
@@ -61,6 +63,24 @@ def load_in_memory(dataset_config: ml_collections.ConfigDict) -> Dataset:
         train = class_balanced_subset(dataset.train, dataset_config.train_subset)
         dataset = dataclasses.replace(dataset, train=train)
     return dataset
+
+
+def known_train_size(dataset_config: ml_collections.ConfigDict) -> int | None:
+    """How many training images `load_in_memory` returns, where that is known without reading
+    the images (CIFAR's 50,000; the demo's, from its archive's labels), after `train_subset`;
+    None for image folders and with `held_out_classes`. So a batch larger than the training set
+    is refused before the seconds spent decoding it."""
+    name = dataset_config.name
+    if dataset_config.get('held_out_classes') or name == 'image_folder':
+        return None
+    if name in TFDS_TRAIN_SIZES:
+        size = TFDS_TRAIN_SIZES[name]
+    elif DEMO_DATA_PATH.is_file():
+        with np.load(DEMO_DATA_PATH, allow_pickle=False) as archive:
+            size = len(archive['train_labels'])
+    else:
+        return None  # the loader says what is missing
+    return min(size, dataset_config.train_subset) if dataset_config.train_subset else size
 
 
 def hold_out_classes(dataset: Dataset, held_out: Sequence[str | int]) -> Dataset:

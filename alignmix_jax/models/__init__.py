@@ -8,6 +8,7 @@
 import jax.numpy as jnp
 import ml_collections
 
+from alignmix_jax import config_choices
 from alignmix_jax.models.classifier import (
     DECODER_TYPES,
     ENCODER_OPTIONS,
@@ -17,7 +18,7 @@ from alignmix_jax.models.classifier import (
     encoder_stages,
     has_own_head,
 )
-from alignmix_jax.models.layers import check_init, scaled_channels
+from alignmix_jax.models.layers import scaled_channels
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
 from alignmix_jax.models.preact_resnet import PreActResNet18
 from alignmix_jax.models.resnet import ResNet50
@@ -33,7 +34,7 @@ __all__ = ['DECODER_TYPES', 'DTYPES', 'ENCODERS', 'Classifier', 'MobileNetV2', '
            'has_own_head']
 
 # config.model.dtype -> the dtype of the network's computations.
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in config_choices.DTYPES}
 
 
 def encoder_options(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
@@ -60,7 +61,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
     images the decoder D produces, needed only with `config.model.decoder` 'ae' or 'vae'.
     """
     encoder_class(model_config.name)  # fail here, not at the first init, on an unknown name
-    check_init(model_config.get('init', 'torchvision'), model_config.name)
+    config_choices.check_init(model_config.get('init', 'torchvision'), model_config.name)
     if model_config.dtype not in DTYPES:
         raise ValueError(f'unknown model dtype {model_config.dtype!r}; valid dtypes: '
                          f'{", ".join(DTYPES)}')

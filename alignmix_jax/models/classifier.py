@@ -37,6 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from alignmix_jax.config_choices import DECODER_TYPES, check_model_name
 from alignmix_jax.models.decoder import ResidualDecoder
 from alignmix_jax.models.layers import BN_EPSILON, BN_MOMENTUM, conv_kernel_init
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
@@ -72,16 +73,13 @@ ENCODER_OPTIONS = {
     'swin_tiny': 'swin',
 }
 
-# config.model.decoder: no decoder (AlignMixup), a vanilla or a variational autoencoder.
-DECODER_TYPES = ('none', 'ae', 'vae')
 
 # Variance 1 / (3 fan_in) from a uniform distribution is U(+-1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 def encoder_class(name: str) -> type[nn.Module]:
-    if name not in ENCODERS:
-        raise ValueError(f'unknown model name {name!r}; valid names: {", ".join(ENCODERS)}')
+    check_model_name(name)  # config_choices.ENCODER_STAGES has the same names as ENCODERS
     return ENCODERS[name]
 
 

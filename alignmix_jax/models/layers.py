@@ -26,28 +26,10 @@ BN_EPSILON = 1e-5
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): untruncated normal, variance 2 / fan_out.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-
-# config.model.init: 'torchvision', each layer's own initialiser (the convolutions above, Dense
-# kernels U(+-1/sqrt(fan_in)) with zero bias, timm's for the transformers); 'pytorch', PyTorch's
-# reset_parameters of nn.Conv2d and nn.Linear for every Conv and Dense of F, f and g.
-INITS = ('torchvision', 'pytorch')
+# config.model.init's names and their check are in config_choices (INITS, check_init).
 # The parameter groups 'pytorch' redraws: the public networks' parts (a decoder's transposed
 # convolutions count fan_in differently in PyTorch and keep their own initialiser).
 PYTORCH_INIT_GROUPS = ('encoder', 'tensor_embedding', 'embedding', 'classifier')
-# Encoders whose parameters are all Conv, Dense and BatchNorm (the transformers' attention
-# kernels have no PyTorch counterpart of that shape: they keep timm's initialisation).
-PYTORCH_INIT_ENCODERS = ('preact_resnet18', 'wide_resnet16_8', 'resnet50', 'vgg16_gap',
-                         'mobilenet_v2')
-
-
-def check_init(init: str, encoder_name: str) -> None:
-    """A one-line error for an unknown `model.init` or 'pytorch' on a transformer."""
-    if init not in INITS:
-        raise ValueError(f'unknown model.init {init!r}; valid: {", ".join(INITS)}')
-    if init == 'pytorch' and encoder_name not in PYTORCH_INIT_ENCODERS:
-        raise ValueError(f"model.init='pytorch' is for the convolutional networks "
-                         f"({', '.join(PYTORCH_INIT_ENCODERS)}); set model.init='torchvision' "
-                         f'for {encoder_name}')
 
 
 def pytorch_default_init(params, key: jax.Array):
