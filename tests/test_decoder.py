@@ -1,6 +1,7 @@
 """AlignMixup/AE: the decoder, the 'clean' mode, what each mode may change, and the pictures."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -224,6 +225,13 @@ def test_morph_grid_ends_are_the_decoded_images(initialised_ae):
     assert np.max(np.abs(grid[1, 0] - decoded[0])) > 1e-2  # A~ is not A
 
 
+def test_row_differences_on_fixed_pixels():
+    grid = np.zeros((3, 2, 2, 2, 3))
+    grid[1, 0] = 0.5  # Eq. (12)'s row differs by 0.5 everywhere at the first lambda
+    grid[2, 1, 0] = 0.3  # Eq. (13)'s by 0.3 in half of the pixels at the second
+    np.testing.assert_allclose(visualize.row_differences(grid), [[0.5, 0.0], [0.0, 0.15]])
+
+
 def test_toy_plan_recovers_a_shuffle():
     rng = np.random.default_rng(4)
     points = rng.uniform(0.0, 4.0, (16, 2)).astype(np.float32)
@@ -249,17 +257,26 @@ def test_visualize_command_writes_the_pictures_of_a_demo_checkpoint(tmp_path):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
     completed = subprocess.run(
         [sys.executable, '-m', 'alignmix_jax.visualize', '--config=configs/demo.py:ae',
-         *overrides, f'--workdir={workdir}', '--num_pairs=1', '--num_lambdas=5'],
+         *overrides, f'--workdir={workdir}', '--num_pairs=1', '--num_lambdas=5',
+         '--difference_pairs=3'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     figures = os.path.join(workdir, 'figures')
     expected = {'morph_0.png': visualize.morph_figure_size(5),
                 'correspondence_0.png': visualize.CORRESPONDENCE_SIZE,
                 'toy_alignment.png': visualize.TOY_SIZE}
-    assert sorted(os.listdir(figures)) == sorted(expected)
+    assert sorted(os.listdir(figures)) == sorted([*expected, 'morph_difference.json'])
     assert completed.stdout.split() == [os.path.join(figures, name) for name in
                                         ('morph_0.png', 'correspondence_0.png',
-                                         'toy_alignment.png')]
+                                         'toy_alignment.png', 'morph_difference.json')]
+    with open(os.path.join(figures, 'morph_difference.json')) as differences_file:
+        differences = json.load(differences_file)
+    assert differences['pairs'] == 3 and differences['lambdas'] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # Eq. (12)'s row is x itself at lambda = 1, Eq. (13)'s is x' at lambda = 0: there the rows
+    # equal the unaligned one (up to the decoder's rounding across batch positions); between,
+    # the aligned mixes differ.
+    assert differences['eq12'][-1] < 1e-4 and differences['eq13'][0] < 1e-4
+    assert min(differences['eq12'][1:-1] + differences['eq13'][1:-1]) > 1e-3
     for name, size in expected.items():
         path = os.path.join(figures, name)
         assert os.path.getsize(path) > 5000
