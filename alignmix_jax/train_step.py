@@ -40,11 +40,11 @@ from alignmix_jax import (
     losses,
     mixup,
     mode_forward,
+    models,
     pretrained,
     sharding,
 )
 from alignmix_jax.models import build_model_for_dataset
-from alignmix_jax.models.layers import pytorch_default_init
 
 
 class TrainState(train_state.TrainState):
@@ -94,14 +94,10 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     optimizer, _ = make_optimizer(config.train, steps_per_epoch)
 
     def initial_state():
-        init_key, run_key = jax.random.split(jax.random.PRNGKey(config.seed))
-        variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        if config.model.get('init', 'torchvision') == 'pytorch':
-            variables = {**variables, 'params': pytorch_default_init(
-                variables['params'], jax.random.fold_in(init_key, 1))}
-        # .get: a network without BatchNorm (VGG-GAP) has no statistics.
+        init_key, run_key = models.run_keys(config.seed)
+        variables = models.initial_variables(config, model, image_shape, init_key)
         state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                                  tx=optimizer, batch_stats=variables.get('batch_stats', {}),
+                                  tx=optimizer, batch_stats=variables['batch_stats'],
                                   rng=run_key)
         # A concrete int32 step: with the default Python int the second call of each jitted
         # step would see a different input type and compile again.

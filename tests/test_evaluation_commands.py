@@ -166,3 +166,25 @@ def test_errors_are_one_line(trained, tmp_path):
     assert completed.returncode != 0
     assert completed.stderr.strip().splitlines()[-1].startswith(
         "error: unknown evaluation kind 'foo'; the kinds are classification")
+
+
+def test_initial_evaluates_the_variables_training_starts_from(tmp_path):
+    """--initial needs no checkpoint: its figures are those of the train state's initial
+    variables (pytorch init included), and its file does not replace a checkpoint's."""
+    from alignmix_jax import train_step
+    from alignmix_jax.evaluation import classification
+
+    config = make_tiny_config()
+    config.model.init = 'pytorch'
+    record, printed = command.evaluate_workdir('classification', config, str(tmp_path),
+                                               initial=True)
+    assert record['step'] == 'initial' and 'at step initial' in printed
+    assert os.listdir(tmp_path / 'eval') == ['classification_initial.json']
+    context, _ = common.initial(config)
+    state = train_step.create_train_state(config, context.model, context.image_shape, 4,
+                                          context.mesh)
+    expected = classification.Evaluator(context).run(
+        {'params': state.params, 'batch_stats': state.batch_stats})
+    assert record['results'] == expected
+    with pytest.raises(ValueError, match='leave out --step'):
+        command.evaluate_workdir('classification', config, str(tmp_path), step=3, initial=True)

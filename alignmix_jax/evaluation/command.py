@@ -26,15 +26,24 @@ def define_flags() -> None:
                                     '(with the same overrides).', lock_config=True)
     flags.mark_flags_as_required(['config'])
     flags.DEFINE_integer('step', None, 'The checkpoint step to evaluate (default: the latest).')
+    flags.DEFINE_bool('initial', False, 'Evaluate the initial model of the config (its seed; '
+                      'no checkpoint needed) instead, as an untrained baseline; writes '
+                      'WORKDIR/eval/<kind>_initial.json.')
 
 
 def evaluate_workdir(kind: str, config: ml_collections.ConfigDict, workdir: str,
-                     step: int | None = None) -> tuple[dict, str]:
-    """The command's work as a function: (the JSON record written, the printed table)."""
+                     step: int | None = None, *, initial: bool = False) -> tuple[dict, str]:
+    """The command's work as a function: (the JSON record written, the printed table).
+    `initial`: the config's initial model instead of a checkpoint (step 'initial')."""
     from alignmix_jax import evaluation
 
     evaluator_class = evaluation.evaluator_class(kind)
-    context, variables, step = common.load(config, workdir, step)
+    if initial:
+        if step is not None:
+            raise ValueError('--initial evaluates the initial model: leave out --step')
+        (context, variables), step = common.initial(config), 'initial'
+    else:
+        context, variables, step = common.load(config, workdir, step)
     options = config.evals[kind].to_dict() if kind in config.evals else {}
     evaluator = evaluator_class(context, **options)
     results = evaluator.run(variables)
@@ -59,7 +68,7 @@ def run_command(kind: str) -> None:
             from alignmix_jax import config_checks
             config_checks.validate(flags.FLAGS.config)
             _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
-                                        flags.FLAGS.step)
+                                        flags.FLAGS.step, initial=flags.FLAGS.initial)
         print(table)
 
     app.run(main, flags_parser=parse_flags)

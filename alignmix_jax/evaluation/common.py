@@ -23,6 +23,7 @@ The evaluation layer reads checkpoints and models; it never imports the trainer 
 """
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +34,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from alignmix_jax import augmentation, checkpointing, data, sharding
+from alignmix_jax import augmentation, checkpointing, data, models, sharding
 from alignmix_jax.data import common as data_common
-from alignmix_jax.models import build_model_for_dataset
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # uint8 images, int32 labels, bool mask
 
@@ -160,12 +160,30 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
     params and batch_stats replicated on every device. Raises CheckpointError (no checkpoint:
     train first) or data.DatasetError with one line saying what to do.
     """
-    dataset = data.load_dataset(config.dataset) if dataset is None else dataset
-    model = build_model_for_dataset(config, dataset)
-    mesh = sharding.make_mesh()
+    context = _context(config, dataset)
     variables, step = checkpointing.restore_variables(
-        workdir, abstract_variables(model, dataset.image_shape, mesh), step=step)
-    return EvalContext(config=config, model=model, dataset=dataset, mesh=mesh), variables, step
+        workdir, abstract_variables(context.model, context.image_shape, context.mesh),
+        step=step)
+    return context, variables, step
+
+
+def initial(config: ml_collections.ConfigDict, dataset=None) -> tuple[EvalContext, dict]:
+    """(context, variables) of the run's initial model, no checkpoint: the variables training
+    starts from (`models.initial_variables` with `config.seed`'s key; `model.pretrained`
+    weights are not loaded), replicated on every device. What an untrained network gives, as
+    the baseline of any evaluation (`--initial`)."""
+    context = _context(config, dataset)
+    init_key, _ = models.run_keys(config.seed)
+    variables = jax.jit(functools.partial(models.initial_variables, config, context.model,
+                                          context.image_shape, init_key),
+                        out_shardings=sharding.replicated(context.mesh))()
+    return context, variables
+
+
+def _context(config: ml_collections.ConfigDict, dataset) -> EvalContext:
+    dataset = data.load_dataset(config.dataset) if dataset is None else dataset
+    return EvalContext(config=config, model=models.build_model_for_dataset(config, dataset),
+                       dataset=dataset, mesh=sharding.make_mesh())
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence], decimals: int = 2) -> str:
@@ -188,12 +206,14 @@ def _to_json(value):
     raise TypeError(f'not JSON-serialisable: {type(value).__name__}')
 
 
-def write_results(workdir: str, kind: str, step: int, results: dict,
+def write_results(workdir: str, kind: str, step: int | str, results: dict,
                   options: dict) -> str:
-    """Writes WORKDIR/eval/<kind>.json: the results, the checkpoint step and the options."""
+    """Writes WORKDIR/eval/<kind>.json (<kind>_initial.json for step 'initial', the initial
+    model): the results, the checkpoint step and the options."""
     directory = os.path.join(workdir, 'eval')
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f'{kind}.json')
+    name = f'{kind}_initial' if step == 'initial' else kind
+    path = os.path.join(directory, f'{name}.json')
     record = {'kind': kind, 'step': step, 'options': options, 'results': results}
     with open(path, 'w') as json_file:
         json.dump(record, json_file, indent=2, default=_to_json)

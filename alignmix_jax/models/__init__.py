@@ -5,6 +5,7 @@
     a = model.apply(variables, images, train=False, method='features')
 """
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -18,7 +19,7 @@ from alignmix_jax.models.classifier import (
     encoder_stages,
     has_own_head,
 )
-from alignmix_jax.models.layers import scaled_channels
+from alignmix_jax.models.layers import pytorch_default_init, scaled_channels
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
 from alignmix_jax.models.preact_resnet import PreActResNet18
 from alignmix_jax.models.resnet import ResNet50
@@ -31,6 +32,7 @@ __all__ = ['DECODER_TYPES', 'DTYPES', 'ENCODERS', 'Classifier', 'MobileNetV2', '
            'PreActResNet18', 'ResNet50',
            'SwinTransformer', 'VGG16GAP', 'VisionTransformer', 'WideResNet',
            'build_model', 'build_model_for_dataset', 'encoder_options', 'encoder_stages',
+           'initial_variables',
            'has_own_head']
 
 # config.model.dtype -> the dtype of the network's computations.
@@ -106,3 +108,22 @@ def build_model_for_dataset(config: ml_collections.ConfigDict, dataset, *,
     return build_model(config.model, dataset.num_classes, batch_norm_axis=batch_norm_axis,
                        image_shape=tuple(dataset.image_shape),
                        normalization=(config.dataset.mean, config.dataset.std))
+
+
+def initial_variables(config: ml_collections.ConfigDict, model: Classifier, image_shape,
+                      key: jax.Array) -> dict:
+    """A run's initial {'params', 'batch_stats'} (the latter empty without BatchNorm) from
+    `key`: the model's own initialisers, with `config.model.init='pytorch'` redrawing the
+    convolutional networks' layers as PyTorch does (`layers.pytorch_default_init`). The train
+    state starts from these; `evaluation.<kind> --initial` evaluates them."""
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    if config.model.get('init', 'torchvision') == 'pytorch':
+        variables = {**variables, 'params': pytorch_default_init(
+            variables['params'], jax.random.fold_in(key, 1))}
+    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the key of `initial_variables`, the key of the run's per-step draws) of `seed`."""
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, run_key
