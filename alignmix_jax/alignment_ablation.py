@@ -35,8 +35,8 @@ HEADS = {
     'pooled_linear': {'model.head_norm': False, 'mixup.allow_inert_alignment': True},
     'bn_relu': {'model.head_norm': True},
 }
-# The per-step figures averaged over each run.
-FIGURES = ('alignment_effect', 'marginal_error')
+# The per-step figures averaged over each run (sinkhorn_iterations: the public loop's only).
+FIGURES = ('alignment_effect', 'marginal_error', 'sinkhorn_iterations')
 
 
 def alignments() -> tuple[str, ...]:
@@ -107,8 +107,8 @@ def summarize(workdir: str, runs: dict) -> dict:
 
 def format_markdown(summary: dict, *, command: str) -> str:
     lines = ['| alignment | head | final test accuracy, % (mean ± std) | per seed | '
-             'alignment_effect | marginal_error | wall time per run |',
-             '|---|---|---|---|---|---|---|']
+             + ' | '.join(FIGURES) + ' | wall time per run |',
+             '|---|---|---|---|' + '---|' * len(FIGURES) + '---|']
     for condition, figures in summary.items():
         alignment = next(name for name in alignments() if condition.startswith(name + '_'))
         per_seed = ', '.join(f'{100 * value:.2f}' for value in figures['final_test_accuracy'])
@@ -117,10 +117,11 @@ def format_markdown(summary: dict, *, command: str) -> str:
         wall = figures['wall_seconds_mean']
         lines.append(f'| {alignment} | {condition[len(alignment) + 1:]} | '
                      f'{100 * figures["final_mean"]:.2f} ± {100 * figures["final_std"]:.2f} | '
-                     f'{per_seed} | {cells[0]} | {cells[1]} | '
+                     f'{per_seed} | {" | ".join(cells)} | '
                      f'{"-" if wall is None else f"{wall / 60:.1f} min"} |')
-    lines += ['', f'alignment_effect and marginal_error: means over each run\'s logged '
-              f'intervals, then over seeds ("-": alignment off). Command: `{command}`.']
+    lines += ['', f'{", ".join(FIGURES)}: means over each run\'s logged intervals, then over '
+              f'seeds ("-": not logged: alignment off, or not the public loop). Command: '
+              f'`{command}`.']
     return '\n'.join(lines) + '\n'
 
 

@@ -34,7 +34,7 @@ def test_tiny_ablation_tabulates_the_effect_of_each_condition(tmp_path):
         config.mixup.modes = ('feature',)  # one compiled step per run
         return config
 
-    names = ['paper_pooled_linear', 'paper_bn_relu', 'off_bn_relu']
+    names = ['paper_pooled_linear', 'paper_bn_relu', 'off_bn_relu', 'public_bn_relu']
     summary = alignment_ablation.run_ablation(make_run_config, names, [0], str(tmp_path),
                                               command='tiny')
     assert list(summary) == names
@@ -42,9 +42,12 @@ def test_tiny_ablation_tabulates_the_effect_of_each_condition(tmp_path):
     assert summary['paper_bn_relu']['alignment_effect'] > 1e-2
     assert summary['paper_bn_relu']['marginal_error'] > 0
     assert summary['off_bn_relu']['alignment_effect'] is None
+    # Only the public loop logs its iteration count: at most 100, at least 1.
+    assert summary['paper_bn_relu']['sinkhorn_iterations'] is None
+    assert 1 <= summary['public_bn_relu']['sinkhorn_iterations'] <= 100
     table = (tmp_path / 'ablation.md').read_text().splitlines()
     assert table[2].startswith('| paper | pooled_linear | ')
-    assert table[4].startswith('| off | bn_relu | ') and '| - | - |' in table[4]
+    assert table[4].startswith('| off | bn_relu | ') and '| - | - | - |' in table[4]
     saved = json.loads((tmp_path / 'ablation.json').read_text())
     assert saved['summary']['paper_bn_relu']['final_test_accuracy'] == \
         summary['paper_bn_relu']['final_test_accuracy']
