@@ -35,8 +35,9 @@ the on-device crop + flip + normalisation of the batch (torch gets the batch aug
 as a DataLoader would hand it over), train/alignment_effect's measurement inside the feature
 step (its share is printed) and the finite-state check. torch's Sinkhorn reads its stopping
 test back to the host at every iteration (`.item()`, as the public code does); its feature
-time includes those round trips. torch uses its default threads (`torch.get_num_threads()`
-is printed); it always runs in float32.
+time includes those round trips. torch uses its default threads, one per core
+(`--torch_threads=N` sets another count; `torch.get_num_threads()` is printed); it always runs
+in float32.
 
 Prints a table (per dtype), then one JSON object per dtype, one a line, the last line the last
 dtype's.
@@ -59,6 +60,8 @@ flags.DEFINE_integer('warmup', 2, 'Untimed repetitions first (the first one comp
 flags.DEFINE_integer('input_batches', 200, 'Batches read to time the input pipeline.')
 flags.DEFINE_bool('torch', False, 'Also time the same step in PyTorch (torch_reference) for '
                   'the modes none, input and feature, interleaved with ours.')
+flags.DEFINE_integer('torch_threads', 0, 'With --torch: torch.set_num_threads(N) first (0: '
+                     "torch's default, one thread per core).")
 flags.DEFINE_list('dtypes', None, 'Computation dtypes to measure in turn, e.g. '
                   'float32,bfloat16 (default: the config\'s model.dtype only).')
 
@@ -169,11 +172,14 @@ def make_torch_step(config, variables, num_classes: int):
 
 
 def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int = 200,
-              torch: bool = False) -> dict:
-    """The figures described in the module docstring, as a dict (`torch`: with PyTorch's)."""
+              torch: bool = False, torch_threads: int = 0) -> dict:
+    """The figures described in the module docstring, as a dict (`torch`: with PyTorch's,
+    on `torch_threads` threads if > 0, else torch's default)."""
     torch_overrides = None
     if torch:
         torch_module = import_torch()
+        if torch_threads > 0:
+            torch_module.set_num_threads(torch_threads)
         config, torch_overrides = torch_comparison_config(config)
     import jax
     import jax.numpy as jnp
@@ -449,7 +455,8 @@ def main(argv):
         results = []
         for config in configs:
             results.append(benchmark(config, warmup=FLAGS.warmup, repeats=FLAGS.steps,
-                                     input_batches=FLAGS.input_batches, torch=FLAGS.torch))
+                                     input_batches=FLAGS.input_batches, torch=FLAGS.torch,
+                                     torch_threads=FLAGS.torch_threads))
             print(format_table(results[-1]), flush=True)
             print(flush=True)
     if len(results) > 1:
