@@ -11,9 +11,36 @@ Measures, on the devices JAX sees and with the config's model, batch size and mi
   on the unaligned mix, after capturing the batch statistics), on this batch's real A with the
   initial model, and its share of the first feature mode's step (it runs inside that step);
 - the input pipeline: images per second from the dataset's batch iterator to arrays on the
-  devices (the train step augments on the device; that cost is inside the step times).
+  devices (the train step augments on the device; that cost is inside the step times);
+- per mode, images per second (batch / step seconds), the share of a feature step the
+  alignment of the batch would take (alignment ms / that step's ms) and the device's peak
+  memory where the backend reports it (`memory_stats()['peak_bytes_in_use']`, GPUs; '-' on the
+  CPU). JAX cannot reset that peak: each mode's figure is the running peak of the process read
+  after the mode's warm-up, so it includes the modes (and dtypes) measured before it.
 
-Prints a table, then, as the last line, one JSON object with these figures.
+`--dtypes=float32,bfloat16` runs all of it once per computation dtype (config.model.dtype),
+in turn, and tabulates them side by side.
+
+`--torch` also times, in the same process, the same training step in PyTorch on the CPU: the
+transcription of the public code in `alignmix_jax.torch_reference` (its PreActResNet18, its
+SGD, its Sinkhorn loop, the soft cross-entropy of the mixed labels), started from our initial
+weights, with the config's width, batch size, lr, momentum, weight decay, epsilon, Sinkhorn
+iterations and threshold. It times exactly the modes 'none', 'input' and 'feature' (whatever
+config.mixup.modes lists: the three that both sides implement as the public code does), in
+interleaved rounds (our step, then torch's, mode after mode), medians kept. Our side is set
+to the step torch computes where the config differs (`TORCH_COMPARISON`: the public head,
+pooling then the linear layer, and the public Sinkhorn loop, so that both run the same
+iterations); the fields it changed are printed. Left as they are, and so in our times only:
+the on-device crop + flip + normalisation of the batch (torch gets the batch augmented once,
+as a DataLoader would hand it over), train/alignment_effect's measurement inside the feature
+step (its share is printed) and the finite-state check. torch's Sinkhorn reads its stopping
+test back to the host at every iteration (`.item()`, as the public code does); its feature
+time includes those round trips. torch uses its default threads, one per core
+(`--torch_threads=N` sets another count; `torch.get_num_threads()` is printed); it always runs
+in float32.
+
+Prints a table (per dtype), then one JSON object per dtype, one a line, the last line the last
+dtype's.
 """
 
 import json
@@ -31,6 +58,28 @@ flags.mark_flags_as_required(['config'])
 flags.DEFINE_integer('steps', 5, 'Timed repetitions of each measurement (the median is kept).')
 flags.DEFINE_integer('warmup', 2, 'Untimed repetitions first (the first one compiles).')
 flags.DEFINE_integer('input_batches', 200, 'Batches read to time the input pipeline.')
+flags.DEFINE_bool('torch', False, 'Also time the same step in PyTorch (torch_reference) for '
+                  'the modes none, input and feature, interleaved with ours.')
+flags.DEFINE_integer('torch_threads', 0, 'With --torch: torch.set_num_threads(N) first (0: '
+                     "torch's default, one thread per core).")
+flags.DEFINE_list('dtypes', None, 'Computation dtypes to measure in turn, e.g. '
+                  'float32,bfloat16 (default: the config\'s model.dtype only).')
+
+# The modes --torch compares: those torch_reference transcribes as the public code runs them.
+TORCH_MODES = ('none', 'input', 'feature')
+# Our side of --torch: the step torch_reference computes (the public head and Sinkhorn loop,
+# no extras of this project that change the loss); the config's other fields are kept.
+TORCH_COMPARISON = {
+    'model.head_norm': False, 'model.embedding_dim': 0, 'model.flatten_features': False,
+    'model.last_stride': 2, 'model.feature_pool': 1, 'model.decoder': 'none',
+    'model.embedding_tensor_channels': 0, 'model.init': 'pytorch',
+    'mixup.modes': TORCH_MODES, 'mixup.align': True, 'mixup.sinkhorn': 'public',
+    'mixup.cost_scale': 'none', 'mixup.lambda_per': 'batch', 'mixup.label_smoothing': 0.0,
+    'mixup.allow_inert_alignment': True, 'train.nesterov': False,
+    'train.contrastive_weight': 0.0, 'train.classifier_learning_rate': None,
+    'train.decoder_learning_rate': None,
+}
+TORCH_PIN = 'pip install torch==2.13.0'
 
 
 def _milliseconds(run) -> float:
@@ -47,12 +96,16 @@ def _median_milliseconds(run, *, warmup: int, repeats: int) -> float:
     return statistics.median(_milliseconds(run) for _ in range(repeats))
 
 
-def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int) -> dict:
+def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int,
+                                     after_warmup=None) -> dict:
     """Median ms of each of `runs` ({name: run}), timed in rounds that call each once, so
-    that a slow drift of the machine (another process, heat) weighs on all of them alike."""
-    for run in runs.values():
+    that a slow drift of the machine (another process, heat) weighs on all of them alike.
+    `after_warmup(name)` is called once each run's warm-up is done, before the next one's."""
+    for name, run in runs.items():
         for _ in range(warmup):
             run()
+        if after_warmup is not None:
+            after_warmup(name)
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -60,8 +113,74 @@ def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int) -
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int = 200) -> dict:
-    """The figures described in the module docstring, as a dict."""
+def import_torch():
+    """torch, or a ValueError (one `error:` line on the command line) saying how to get it."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f'--torch times the PyTorch transcription of the public code and needs '
+                         f'PyTorch: {TORCH_PIN} (the CPU build is enough)') from None
+    return torch
+
+
+def torch_comparison_config(config):
+    """(a copy of `config` set to the step torch_reference computes, the fields changed as
+    ['field=new (config: old)', ...]). Refuses a config torch_reference has no network for."""
+    if config.model.name != 'preact_resnet18':
+        raise ValueError(f'--torch compares the PreActResNet18 of the public CIFAR code; '
+                         f'config.model.name is {config.model.name!r}')
+    from configs import backbones
+    compared = config.copy_and_resolve_references()
+    changed = []
+    for field, value in TORCH_COMPARISON.items():
+        node = compared
+        *sections, key = field.split('.')
+        for section in sections:
+            node = node[section]
+        old = node.get(key)
+        if old != value and not (isinstance(old, tuple | list) and tuple(old) == value):
+            changed.append(f'{field}={value!r} (config: {old!r})')
+    with compared.unlocked():
+        backbones.set_fields(compared, TORCH_COMPARISON)
+    return compared, changed
+
+
+def _peak_bytes(jax) -> int | None:
+    """The first local device's peak memory in bytes, or None where the backend has no figure."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats or 'peak_bytes_in_use' not in stats else int(
+        stats['peak_bytes_in_use'])
+
+
+def make_torch_step(config, variables, num_classes: int):
+    """torch_reference's model and SGD, loaded with our Flax `variables` (the public head), and
+    `step(images, labels, permutation, lam, mode)` -> its train_step's result, with the
+    config's Sinkhorn settings."""
+    from alignmix_jax import torch_reference
+    model = torch_reference.build_classifier(num_classes, config.model.width)
+    torch_reference.load_flax_variables(model, variables)
+    train = config.train
+    optimizer = torch_reference.make_optimizer(model, train.learning_rate, train.momentum,
+                                               train.weight_decay)
+    mixup = config.mixup
+
+    def step(images, labels, permutation, lam, mode):
+        return torch_reference.train_step(
+            model, optimizer, images, labels, permutation, lam, mode, epsilon=mixup.epsilon,
+            max_iters=mixup.sinkhorn_iters, threshold=mixup.sinkhorn_threshold)
+    return step
+
+
+def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int = 200,
+              torch: bool = False, torch_threads: int = 0) -> dict:
+    """The figures described in the module docstring, as a dict (`torch`: with PyTorch's,
+    on `torch_threads` threads if > 0, else torch's default)."""
+    torch_overrides = None
+    if torch:
+        torch_module = import_torch()
+        if torch_threads > 0:
+            torch_module.set_num_threads(torch_threads)
+        config, torch_overrides = torch_comparison_config(config)
     import jax
     import jax.numpy as jnp
 
@@ -89,6 +208,7 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     images, labels = sharding.global_batch(next(batches), mesh)
 
     step_fn = train_step.make_train_step(model, config, mesh)
+    last_metrics = {}  # mode -> the metrics of its last step (ours; 'torch:' + mode, torch's)
 
     def step_runner(mode):
         # The step donates its state: each call hands the new state to the next.
@@ -96,14 +216,49 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
                                            mesh)]
 
         def run_step():
-            holder[0], step_metrics = step_fn(holder[0], images, labels, mode=mode)
-            jax.block_until_ready((holder[0].params, step_metrics))
+            holder[0], last_metrics[mode] = step_fn(holder[0], images, labels, mode=mode)
+            jax.block_until_ready((holder[0].params, last_metrics[mode]))
         return run_step
 
-    step_ms = _interleaved_median_milliseconds({mode: step_runner(mode) for mode in modes},
-                                               warmup=warmup, repeats=repeats)
-    for mode, ms in step_ms.items():
-        logging.info('%s step: %.1f ms', mode, ms)
+    runs = {mode: step_runner(mode) for mode in modes}
+    if torch:
+        # The same batch, augmented and normalised once as our step does it on the device,
+        # the same initial weights, one fixed permutation and lambda (the time depends on
+        # neither, except through the Sinkhorn loop's stop, which both sides run alike).
+        from alignmix_jax import torch_reference
+        initial = train_step.create_train_state(config, model, dataset.image_shape,
+                                                steps_per_epoch, mesh)
+        variables = jax.device_get({'params': initial.params,
+                                    'batch_stats': initial.batch_stats})
+        host_images, host_labels = jax.device_get((images, labels))
+        augmented = augmentation.normalize(augmentation.augment(
+            jax.random.PRNGKey(config.seed), jnp.asarray(host_images),
+            padding=config.dataset.crop_padding, flip=config.dataset.random_flip,
+            color_jitter=tuple(config.dataset.color_jitter),
+            rotation_degrees=config.dataset.rotation_degrees),
+            config.dataset.mean, config.dataset.std)
+        torch_batch = (torch_reference.to_torch_images(augmented),
+                       torch_module.from_numpy(host_labels.astype('int64')),
+                       torch_module.randperm(batch_size,
+                                             generator=torch_module.Generator().manual_seed(0)))
+
+        def torch_runner(mode):
+            torch_step = make_torch_step(config, variables, model.num_classes)
+
+            def run_step():
+                last_metrics['torch:' + mode] = torch_step(*torch_batch, 0.5, mode)
+            return run_step
+
+        runs = {name: run for mode in modes
+                for name, run in ((mode, runs[mode]), ('torch:' + mode, torch_runner(mode)))}
+
+    peak_bytes = {}
+    all_ms = _interleaved_median_milliseconds(
+        runs, warmup=warmup, repeats=repeats,
+        after_warmup=lambda name: peak_bytes.setdefault(name, _peak_bytes(jax)))
+    step_ms = {mode: all_ms[mode] for mode in modes}
+    for name, ms in all_ms.items():
+        logging.info('%s step: %.1f ms', name, ms)
 
     # The alignment alone, on post-ReLU-like features of F's output shape for this batch.
     abstract_features = jax.eval_shape(
@@ -120,8 +275,13 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     @jax.jit
     def align_batch(features):
         anchor, partner = mixup.pair(features, permutation)
-        plan = alignment.transport_plan(anchor, partner, epsilon=config.mixup.epsilon,
-                                        num_iters=config.mixup.sinkhorn_iters)
+        if config.mixup.sinkhorn == 'public':  # the step's loop (--torch sets it)
+            plan, _ = alignment.public_transport_plan(
+                anchor, partner, epsilon=config.mixup.epsilon,
+                max_iters=config.mixup.sinkhorn_iters, threshold=config.mixup.sinkhorn_threshold)
+        else:
+            plan = alignment.transport_plan(anchor, partner, epsilon=config.mixup.epsilon,
+                                            num_iters=config.mixup.sinkhorn_iters)
         return alignment.apply_plan(plan, partner)
 
     alignment_ms = _median_milliseconds(lambda: align_batch(features).block_until_ready(),
@@ -169,7 +329,24 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         'batch_size': batch_size, 'feature_shape': list(feature_shape),
         'step_ms': step_ms, 'alignment_ms': alignment_ms,
         'input_images_per_second': input_images_per_second,
+        'images_per_second': {mode: batch_size / (ms / 1000) for mode, ms in step_ms.items()},
+        'alignment_share': {mode: alignment_ms / ms for mode, ms in step_ms.items()
+                            if mode in mixup.FEATURE_MODES},
+        'peak_bytes': {mode: peak_bytes[mode] for mode in modes},
     }
+    if torch:
+        result['torch'] = {
+            'version': torch_module.__version__, 'threads': torch_module.get_num_threads(),
+            'dtype': 'float32', 'overrides': torch_overrides,
+        }
+        result['torch_step_ms'] = {mode: all_ms['torch:' + mode] for mode in modes}
+        result['ratio_to_torch'] = {mode: step_ms[mode] / result['torch_step_ms'][mode]
+                                    for mode in modes}
+        # The Sinkhorn iterations of each side's last feature step (the public loop's stop).
+        result['sinkhorn_iterations'] = {
+            mode: {'ours': int(last_metrics[mode]['sinkhorn_iterations']),
+                   'torch': last_metrics['torch:' + mode]['iterations']}
+            for mode in modes if mode in mixup.FEATURE_MODES}
     if effect_ms is not None:
         result['alignment_effect_ms'] = effect_ms
         result['alignment_effect_share'] = effect_ms / step_ms[feature_modes[0]]
@@ -179,21 +356,78 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     return result
 
 
+def _mebibytes(value) -> str:
+    return '-' if value is None else f'{value / 2 ** 20:,.0f}'
+
+
 def format_table(result: dict) -> str:
     lines = [f'{result["model"]} x{result["width"]} ({result["dtype"]}), batch '
              f'{result["batch_size"]}, {result["devices"]} {result["platform"]} device(s); '
              f'A is {"x".join(map(str, result["feature_shape"][1:]))}',
-             f'{"what":<34}{"median ms":>12}{"x input step":>14}']
+             f'{"what":<34}{"median ms":>12}{"x input step":>14}{"images/s":>11}'
+             f'{"align share":>13}{"peak MiB":>10}']
     ratios = result.get('step_ratio_to_input', {})
     for mode, ms in result['step_ms'].items():
         ratio = f'{ratios[mode]:.3f}' if mode in ratios else '-'
-        lines.append(f'{"train step, " + mode:<34}{ms:>12.1f}{ratio:>14}')
+        share = result['alignment_share'].get(mode)
+        share = '-' if share is None else f'{100 * share:.1f}%'
+        lines.append(f'{"train step, " + mode:<34}{ms:>12.1f}{ratio:>14}'
+                     f'{result["images_per_second"][mode]:>11,.0f}{share:>13}'
+                     f'{_mebibytes(result["peak_bytes"][mode]):>10}')
     lines.append(f'{"alignment of the batch":<34}{result["alignment_ms"]:>12.1f}{"-":>14}')
     if 'alignment_effect_ms' in result:
         share = 100 * result['alignment_effect_share']
         lines.append(f'{"alignment_effect measurement":<34}{result["alignment_effect_ms"]:>12.1f}'
                      f'{"-":>14}  ({share:.2f}% of a feature step)')
     lines.append(f'input pipeline: {result["input_images_per_second"]:,.0f} images/s')
+    lines.append('peak MiB: the device\'s running peak after each mode\'s warm-up (includes '
+                 'what ran before; - where the backend reports none)')
+    if 'torch_step_ms' in result:
+        lines.extend(format_torch_table(result))
+    return '\n'.join(lines)
+
+
+def format_torch_table(result: dict) -> list[str]:
+    """The side-by-side lines of a `benchmark(..., torch=True)` result."""
+    about = result['torch']
+    lines = ['', f'the same step in PyTorch {about["version"]} on the CPU ({about["dtype"]}, '
+             f'torch.get_num_threads() = {about["threads"]}), interleaved with ours',
+             f'{"mode":<12}{"ours ms":>10}{"torch ms":>10}{"ours/torch":>12}'
+             f'{"Sinkhorn its (ours, torch)":>28}']
+    for mode, ms in result['step_ms'].items():
+        iterations = result['sinkhorn_iterations'].get(mode)
+        iterations = '-' if iterations is None else (f'{iterations["ours"]}, '
+                                                     f'{iterations["torch"]}')
+        name = mode + (' *' if mode in result['sinkhorn_iterations'] else '')
+        lines.append(f'{name:<12}{ms:>10.1f}{result["torch_step_ms"][mode]:>10.1f}'
+                     f'{result["ratio_to_torch"][mode]:>12.3f}{iterations:>28}')
+    if result['sinkhorn_iterations']:
+        lines.append("* torch's Sinkhorn reads its stopping test back to the host every "
+                     'iteration (.item(), as the public code); timed as is')
+    lines.append('ours only: on-device crop/flip/normalisation, the alignment_effect '
+                 'measurement, the finite-state check')
+    if about['overrides']:
+        lines.append('our side set to the step torch computes: ' + ', '.join(about['overrides']))
+    return lines
+
+
+def format_dtype_table(results: list) -> str:
+    """Several dtypes' results side by side: per mode, each dtype's step ms, images/s,
+    alignment share and peak memory (and torch's ratio, when timed)."""
+    with_torch = all('ratio_to_torch' in result for result in results)
+    header = f'{"mode":<16}{"dtype":<10}{"step ms":>10}{"images/s":>11}{"align share":>13}' \
+             f'{"peak MiB":>10}' + (f'{"ours/torch":>12}' if with_torch else '')
+    lines = ['', 'by dtype', header]
+    for mode in results[0]['step_ms']:
+        for result in results:
+            share = result['alignment_share'].get(mode)
+            share = '-' if share is None else f'{100 * share:.1f}%'
+            line = (f'{mode:<16}{result["dtype"]:<10}{result["step_ms"][mode]:>10.1f}'
+                    f'{result["images_per_second"][mode]:>11,.0f}{share:>13}'
+                    f'{_mebibytes(result["peak_bytes"][mode]):>10}')
+            if with_torch:
+                line += f'{result["ratio_to_torch"][mode]:>12.3f}'
+            lines.append(line)
     return '\n'.join(lines)
 
 
@@ -201,15 +435,34 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     with one_line_errors():
-        from alignmix_jax import config_checks
-        config_checks.validate(FLAGS.config)  # before TensorFlow, the devices or the data
+        from alignmix_jax import config_checks, config_choices
+        dtypes = FLAGS.dtypes or [FLAGS.config.model.dtype]
+        unknown = [dtype for dtype in dtypes if dtype not in config_choices.DTYPES]
+        if unknown:
+            raise ValueError(f'--dtypes: unknown dtype {unknown[0]!r}; valid: '
+                             f'{", ".join(config_choices.DTYPES)}')
+        configs = []
+        for dtype in dict.fromkeys(dtypes):  # each once, in the order given
+            config = FLAGS.config.copy_and_resolve_references()
+            config.model.dtype = dtype
+            configs.append(config)
+            config_checks.validate(config)  # before TensorFlow, the devices or the data
+        if FLAGS.torch:
+            import_torch()  # its error before JAX's and TensorFlow's imports
         import tensorflow as tf
         tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
 
-        result = benchmark(FLAGS.config, warmup=FLAGS.warmup, repeats=FLAGS.steps,
-                           input_batches=FLAGS.input_batches)
-    print(format_table(result))
-    print(json.dumps(result))
+        results = []
+        for config in configs:
+            results.append(benchmark(config, warmup=FLAGS.warmup, repeats=FLAGS.steps,
+                                     input_batches=FLAGS.input_batches, torch=FLAGS.torch,
+                                     torch_threads=FLAGS.torch_threads))
+            print(format_table(results[-1]), flush=True)
+            print(flush=True)
+    if len(results) > 1:
+        print(format_dtype_table(results))
+    for result in results:
+        print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -1,23 +1,48 @@
-"""The benchmark command on a tiny config: it runs, and its last line is the JSON it promises."""
+"""The benchmark command on a tiny config: it runs, and its last lines are the JSON it promises;
+`--torch` times torch_reference's step beside ours; `--dtypes` measures each dtype in turn."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+# The subprocesses share the tests' compilation cache (conftest.py), so a rerun compiles less.
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+           JAX_COMPILATION_CACHE_DIR=os.environ.get('ALIGNMIX_TEST_JAX_CACHE',
+                                                    '/tmp/alignmix_jax_test_cache'),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+# The smallest network: a sixteenth-width PreActResNet18 (4 to 32 channels), batch 8.
+TINY = ['--config=configs/demo.py', '--config.dataset.train_subset=64',
+        '--config.model.width=0.0625', '--config.train.batch_size=8', '--steps=1',
+        '--warmup=1', '--input_batches=4']
+
+
+def run_bench(arguments, env=ENV):
+    return subprocess.run([sys.executable, '-m', 'alignmix_jax.bench', *arguments],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{')]
 
 
 def test_bench_command_prints_a_table_and_a_json_last_line():
-    command = [sys.executable, '-m', 'alignmix_jax.bench', '--config=configs/demo.py',
-               '--config.dataset.train_subset=64', '--config.model.width=0.125',
-               '--config.train.batch_size=16', "--config.mixup.modes=('input','feature')",
-               '--steps=2', '--warmup=1', '--input_batches=8']
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    command = ['--config=configs/demo.py', '--config.dataset.train_subset=64',
+               '--config.model.width=0.125', '--config.train.batch_size=16',
+               "--config.mixup.modes=('input','feature')", '--steps=2', '--warmup=1',
+               '--input_batches=8']
+    result = run_bench(command)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[1].split() == ['what', 'median', 'ms', 'x', 'input', 'step']
+    assert lines[1].split() == ['what', 'median', 'ms', 'x', 'input', 'step', 'images/s',
+                                'align', 'share', 'peak', 'MiB']
     figures = json.loads(lines[-1])
     assert sorted(figures['step_ms']) == ['feature', 'input']
     assert all(ms > 0 for ms in figures['step_ms'].values())
@@ -32,3 +57,107 @@ def test_bench_command_prints_a_table_and_a_json_last_line():
     assert 0 < figures['alignment_effect_ms'] < figures['step_ms']['feature']
     assert figures['alignment_effect_share'] == (figures['alignment_effect_ms']
                                                  / figures['step_ms']['feature'])
+    for mode, ms in figures['step_ms'].items():
+        assert figures['images_per_second'][mode] == 16 / (ms / 1000)
+    # The alignment's share of a step, for the feature modes only.
+    assert figures['alignment_share'] == {
+        'feature': figures['alignment_ms'] / figures['step_ms']['feature']}
+    # JAX's CPU backend reports no memory figures ('-' in the table); a GPU's would be bytes.
+    assert all(value is None or value > 0 for value in figures['peak_bytes'].values())
+    assert sorted(figures['peak_bytes']) == ['feature', 'input']
+    assert 'torch_step_ms' not in figures
+
+
+@pytest.fixture(scope='module')
+def torch_and_dtypes_run():
+    """One run of both options: torch beside ours, in float32 and then bfloat16."""
+    pytest.importorskip('torch', reason='--torch runs the PyTorch transcription')
+    result = run_bench([*TINY, '--torch', '--dtypes=float32,bfloat16'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_torch_option_times_both_sides_for_each_mode(torch_and_dtypes_run):
+    import torch
+    for figures in json_lines(torch_and_dtypes_run):
+        # Exactly the three modes torch_reference runs as the public code, whatever the
+        # config lists (the demo's are input, embedding, feature, feature_prime).
+        assert list(figures['step_ms']) == ['none', 'input', 'feature']
+        assert list(figures['torch_step_ms']) == ['none', 'input', 'feature']
+        for mode, torch_ms in figures['torch_step_ms'].items():
+            assert torch_ms > 0
+            assert figures['ratio_to_torch'][mode] == figures['step_ms'][mode] / torch_ms
+        assert figures['torch']['threads'] == torch.get_num_threads()
+        assert figures['torch']['dtype'] == 'float32'
+        # Our side was set to the public head and Sinkhorn loop, and says so.
+        overrides = ' '.join(figures['torch']['overrides'])
+        assert 'model.head_norm=False' in overrides and "mixup.sinkhorn='public'" in overrides
+        iterations = figures['sinkhorn_iterations']['feature']
+        assert 1 <= iterations['ours'] <= 100 and 1 <= iterations['torch'] <= 100
+    assert 'torch.get_num_threads() = ' in torch_and_dtypes_run
+    assert "torch's Sinkhorn reads its stopping test back to the host" in torch_and_dtypes_run
+
+
+def test_dtypes_option_measures_each_dtype(torch_and_dtypes_run):
+    runs = json_lines(torch_and_dtypes_run)
+    assert [figures['dtype'] for figures in runs] == ['float32', 'bfloat16']
+    for figures in runs:
+        assert all(ms > 0 for ms in figures['step_ms'].values())
+        assert figures['feature_shape'] == [8, 4, 4, 32]
+    # The side-by-side table: one line per mode and dtype.
+    table = torch_and_dtypes_run.split('by dtype\n', 1)[1].splitlines()
+    assert table[0].split()[:3] == ['mode', 'dtype', 'step']
+    assert [line.split()[:2] for line in table[1:7]] == [
+        [mode, dtype] for mode in ('none', 'input', 'feature')
+        for dtype in ('float32', 'bfloat16')]
+
+
+def test_torch_option_without_torch_is_one_error_line(tmp_path):
+    # A `torch` module that fails to import stands in for a missing PyTorch.
+    (tmp_path / 'torch.py').write_text("raise ImportError('no torch here')\n")
+    result = run_bench([*TINY, '--torch'],
+                       env=dict(ENV, PYTHONPATH=f'{tmp_path}{os.pathsep}{REPO_ROOT}'))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith('error: --torch ')
+    assert 'pip install torch==2.13.0' in result.stderr
+
+
+@pytest.mark.parametrize('mode', ['none', 'input', 'feature'])
+def test_timed_torch_step_computes_our_loss(mode):
+    """The setup --torch times (our step under bench.torch_comparison_config, torch_reference
+    loaded with our initial weights) gives the same loss on the same batch and draws.
+    tests/test_step_parity.py checks gradients, parameters and statistics of such steps; this
+    checks that the bench's overrides of a config (the demo's, sixteenth width) get there."""
+    torch = pytest.importorskip('torch', reason='the torch side of the benchmark')
+    from alignmix_jax import augmentation, bench, mixup, sharding, train_step
+    from alignmix_jax.models import build_model
+    from configs import demo
+
+    config = demo.get_config()
+    config.model.width = 0.0625
+    config, _ = bench.torch_comparison_config(config)
+    batch = 8
+    model = build_model(config.model, 10)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state = train_step.create_train_state(config, model, (32, 32, 3), 10, mesh)
+    torch_step = bench.make_torch_step(
+        config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), 10)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    # The draws our step makes on device 0 (as test_step_parity.test_real_step_matches_pytorch).
+    augment_key, pairing_key = jax.random.split(
+        jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0))
+    images = augmentation.normalize(augmentation.augment(augment_key, jnp.asarray(raw)),
+                                    config.dataset.mean, config.dataset.std)
+    permutation, lam = mixup.sample_pairing(pairing_key, batch, config.mixup.alpha)
+    from alignmix_jax import torch_reference
+    expected = torch_step(torch_reference.to_torch_images(images),
+                          torch.from_numpy(labels.astype(np.int64)),
+                          torch.from_numpy(np.asarray(permutation).astype(np.int64)),
+                          float(lam), mode)
+    step_fn = train_step.make_train_step(model, config, mesh)
+    _, metrics = step_fn(state, *sharding.global_batch((raw, labels), mesh), mode=mode)
+    np.testing.assert_allclose(float(metrics['loss']), expected['loss'], rtol=1e-5)
+    if mode == 'feature':
+        assert float(metrics['sinkhorn_iterations']) == expected['iterations']
