@@ -28,8 +28,8 @@ weights, with the config's width, batch size, lr, momentum, weight decay, epsilo
 iterations and threshold. It times exactly the modes 'none', 'input' and 'feature' (whatever
 config.mixup.modes lists: the three that both sides implement as the public code does), in
 interleaved rounds (our step, then torch's, mode after mode), medians kept. Our side is set
-to the step torch computes where the config differs (`TORCH_COMPARISON`: the public head,
-pooling then the linear layer, and the public Sinkhorn loop, so that both run the same
+to the step torch computes where the config differs (`bench_torch.TORCH_COMPARISON`: the
+public head, pooling then the linear layer, and the public Sinkhorn loop, so that both run the same
 iterations); the fields it changed are printed. Left as they are, and so in our times only:
 the on-device crop + flip + normalisation of the batch (torch gets the batch augmented once,
 as a DataLoader would hand it over), train/alignment_effect's measurement inside the feature
@@ -50,6 +50,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from alignmix_jax import bench_torch
 from alignmix_jax.command_line import one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
@@ -64,23 +65,6 @@ flags.DEFINE_integer('torch_threads', 0, 'With --torch: torch.set_num_threads(N)
                      "torch's default, one thread per core).")
 flags.DEFINE_list('dtypes', None, 'Computation dtypes to measure in turn, e.g. '
                   'float32,bfloat16 (default: the config\'s model.dtype only).')
-
-# The modes --torch compares: those torch_reference transcribes as the public code runs them.
-TORCH_MODES = ('none', 'input', 'feature')
-# Our side of --torch: the step torch_reference computes (the public head and Sinkhorn loop,
-# no extras of this project that change the loss); the config's other fields are kept.
-TORCH_COMPARISON = {
-    'model.head_norm': False, 'model.embedding_dim': 0, 'model.flatten_features': False,
-    'model.last_stride': 2, 'model.feature_pool': 1, 'model.decoder': 'none',
-    'model.embedding_tensor_channels': 0, 'model.init': 'pytorch',
-    'mixup.modes': TORCH_MODES, 'mixup.align': True, 'mixup.sinkhorn': 'public',
-    'mixup.cost_scale': 'none', 'mixup.lambda_per': 'batch', 'mixup.label_smoothing': 0.0,
-    'mixup.allow_inert_alignment': True, 'train.nesterov': False,
-    'train.contrastive_weight': 0.0, 'train.classifier_learning_rate': None,
-    'train.decoder_learning_rate': None,
-}
-TORCH_PIN = 'pip install torch==2.13.0'
-
 
 def _milliseconds(run) -> float:
     """Wall time of `run()` in ms; `run` must block until its result is ready."""
@@ -113,62 +97,11 @@ def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def import_torch():
-    """torch, or a ValueError (one `error:` line on the command line) saying how to get it."""
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(f'--torch times the PyTorch transcription of the public code and needs '
-                         f'PyTorch: {TORCH_PIN} (the CPU build is enough)') from None
-    return torch
-
-
-def torch_comparison_config(config):
-    """(a copy of `config` set to the step torch_reference computes, the fields changed as
-    ['field=new (config: old)', ...]). Refuses a config torch_reference has no network for."""
-    if config.model.name != 'preact_resnet18':
-        raise ValueError(f'--torch compares the PreActResNet18 of the public CIFAR code; '
-                         f'config.model.name is {config.model.name!r}')
-    from configs import backbones
-    compared = config.copy_and_resolve_references()
-    changed = []
-    for field, value in TORCH_COMPARISON.items():
-        node = compared
-        *sections, key = field.split('.')
-        for section in sections:
-            node = node[section]
-        old = node.get(key)
-        if old != value and not (isinstance(old, tuple | list) and tuple(old) == value):
-            changed.append(f'{field}={value!r} (config: {old!r})')
-    with compared.unlocked():
-        backbones.set_fields(compared, TORCH_COMPARISON)
-    return compared, changed
-
-
 def _peak_bytes(jax) -> int | None:
     """The first local device's peak memory in bytes, or None where the backend has no figure."""
     stats = jax.local_devices()[0].memory_stats()
     return None if not stats or 'peak_bytes_in_use' not in stats else int(
         stats['peak_bytes_in_use'])
-
-
-def make_torch_step(config, variables, num_classes: int):
-    """torch_reference's model and SGD, loaded with our Flax `variables` (the public head), and
-    `step(images, labels, permutation, lam, mode)` -> its train_step's result, with the
-    config's Sinkhorn settings."""
-    from alignmix_jax import torch_reference
-    model = torch_reference.build_classifier(num_classes, config.model.width)
-    torch_reference.load_flax_variables(model, variables)
-    train = config.train
-    optimizer = torch_reference.make_optimizer(model, train.learning_rate, train.momentum,
-                                               train.weight_decay)
-    mixup = config.mixup
-
-    def step(images, labels, permutation, lam, mode):
-        return torch_reference.train_step(
-            model, optimizer, images, labels, permutation, lam, mode, epsilon=mixup.epsilon,
-            max_iters=mixup.sinkhorn_iters, threshold=mixup.sinkhorn_threshold)
-    return step
 
 
 def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int = 200,
@@ -177,10 +110,10 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     on `torch_threads` threads if > 0, else torch's default)."""
     torch_overrides = None
     if torch:
-        torch_module = import_torch()
+        torch_module = bench_torch.import_torch()
         if torch_threads > 0:
             torch_module.set_num_threads(torch_threads)
-        config, torch_overrides = torch_comparison_config(config)
+        config, torch_overrides = bench_torch.torch_comparison_config(config)
     import jax
     import jax.numpy as jnp
 
@@ -243,7 +176,7 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
                                              generator=torch_module.Generator().manual_seed(0)))
 
         def torch_runner(mode):
-            torch_step = make_torch_step(config, variables, model.num_classes)
+            torch_step = bench_torch.make_torch_step(config, variables, model.num_classes)
 
             def run_step():
                 last_metrics['torch:' + mode] = torch_step(*torch_batch, 0.5, mode)
@@ -383,32 +316,8 @@ def format_table(result: dict) -> str:
     lines.append('peak MiB: the device\'s running peak after each mode\'s warm-up (includes '
                  'what ran before; - where the backend reports none)')
     if 'torch_step_ms' in result:
-        lines.extend(format_torch_table(result))
+        lines.extend(bench_torch.format_torch_table(result))
     return '\n'.join(lines)
-
-
-def format_torch_table(result: dict) -> list[str]:
-    """The side-by-side lines of a `benchmark(..., torch=True)` result."""
-    about = result['torch']
-    lines = ['', f'the same step in PyTorch {about["version"]} on the CPU ({about["dtype"]}, '
-             f'torch.get_num_threads() = {about["threads"]}), interleaved with ours',
-             f'{"mode":<12}{"ours ms":>10}{"torch ms":>10}{"ours/torch":>12}'
-             f'{"Sinkhorn its (ours, torch)":>28}']
-    for mode, ms in result['step_ms'].items():
-        iterations = result['sinkhorn_iterations'].get(mode)
-        iterations = '-' if iterations is None else (f'{iterations["ours"]}, '
-                                                     f'{iterations["torch"]}')
-        name = mode + (' *' if mode in result['sinkhorn_iterations'] else '')
-        lines.append(f'{name:<12}{ms:>10.1f}{result["torch_step_ms"][mode]:>10.1f}'
-                     f'{result["ratio_to_torch"][mode]:>12.3f}{iterations:>28}')
-    if result['sinkhorn_iterations']:
-        lines.append("* torch's Sinkhorn reads its stopping test back to the host every "
-                     'iteration (.item(), as the public code); timed as is')
-    lines.append('ours only: on-device crop/flip/normalisation, the alignment_effect '
-                 'measurement, the finite-state check')
-    if about['overrides']:
-        lines.append('our side set to the step torch computes: ' + ', '.join(about['overrides']))
-    return lines
 
 
 def format_dtype_table(results: list) -> str:
@@ -448,7 +357,7 @@ def main(argv):
             configs.append(config)
             config_checks.validate(config)  # before TensorFlow, the devices or the data
         if FLAGS.torch:
-            import_torch()  # its error before JAX's and TensorFlow's imports
+            bench_torch.import_torch()  # its error before JAX's and TensorFlow's imports
         import tensorflow as tf
         tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
 

@@ -124,23 +124,23 @@ def test_torch_option_without_torch_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize('mode', ['none', 'input', 'feature'])
 def test_timed_torch_step_computes_our_loss(mode):
-    """The setup --torch times (our step under bench.torch_comparison_config, torch_reference
+    """The setup --torch times (our step under bench_torch.torch_comparison_config,
     loaded with our initial weights) gives the same loss on the same batch and draws.
     tests/test_step_parity.py checks gradients, parameters and statistics of such steps; this
     checks that the bench's overrides of a config (the demo's, sixteenth width) get there."""
     torch = pytest.importorskip('torch', reason='the torch side of the benchmark')
-    from alignmix_jax import augmentation, bench, mixup, sharding, train_step
+    from alignmix_jax import augmentation, bench_torch, mixup, sharding, train_step
     from alignmix_jax.models import build_model
     from configs import demo
 
     config = demo.get_config()
     config.model.width = 0.0625
-    config, _ = bench.torch_comparison_config(config)
+    config, _ = bench_torch.torch_comparison_config(config)
     batch = 8
     model = build_model(config.model, 10)
     mesh = sharding.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(config, model, (32, 32, 3), 10, mesh)
-    torch_step = bench.make_torch_step(
+    torch_step = bench_torch.make_torch_step(
         config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), 10)
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
