@@ -5,7 +5,10 @@ slice per device. Each process supplies the slices of its own devices (`global_b
 global batch is assembled without any process reading another's data.
 """
 
+import collections
+import itertools
 import os
+from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -40,6 +43,21 @@ def global_batch(local_arrays, mesh: Mesh):
     sharding = batch_sharded(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, array)
                  for array in local_arrays)
+
+
+def prefetch_to_mesh(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator[tuple]:
+    """`global_batch(batch, mesh)` of each of `batches`, with the next `size` batches already
+    sent: their host-to-device copies are issued (asynchronously) before the step that runs on
+    the current batch is dispatched, so on an accelerator they overlap it. The batches and
+    their order are unchanged. Written here because flax.jax_utils.prefetch_to_device does this
+    only for pmap's per-device stacks, not for a global batch sharded over a mesh."""
+    iterator = iter(batches)
+    ahead = collections.deque(global_batch(batch, mesh)
+                              for batch in itertools.islice(iterator, size))
+    while ahead:
+        current = ahead.popleft()
+        ahead.extend(global_batch(batch, mesh) for batch in itertools.islice(iterator, 1))
+        yield current
 
 
 def initialize_processes(coordinator_address: str | None = None,

@@ -191,6 +191,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             logging.info('Alignment effect of the initial model on the first batch: %.3g.',
                          effect)
         batches = itertools.chain([first_batch], batches)
+    # The next batches' copies to the devices overlap the current step (unchanged batches).
+    batches = sharding.prefetch_to_mesh(batches, mesh)
     cutmix_probability = config.mixup.cutmix_probability
     # Modes reported in the mode fractions: CutMix's too when AlignMix + CutMix draws it.
     buffer = _MetricBuffer(modes + ((mixup.CUTMIX_MODE,) if cutmix_probability > 0 else ())
@@ -217,7 +219,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_time = time.time()
     try:
         for step in range(start_step + 1, total_steps + 1):
-            images, labels = sharding.global_batch(next(batches), mesh)
+            images, labels = next(batches)
             # timm's probability and off_epoch may turn the drawn mode into 'none'; `step` is
             # 1-based (the state's step before it is step - 1), so its 0-based epoch is:
             mode = mixup.scheduled_mode(

@@ -86,3 +86,28 @@ def test_two_processes_train_and_one_process_resumes_their_checkpoint(tmp_path):
     assert sorted(resumed_losses) == list(range(9, 13))
     assert all(math.isfinite(loss) for loss in [*two_process_losses.values(),
                                                  *resumed_losses.values()])
+
+
+def test_prefetch_to_mesh_yields_the_same_batches_reading_two_ahead():
+    import numpy as np  # this module's other tests run JAX in subprocesses only
+
+    from alignmix_jax import sharding
+
+    mesh = sharding.make_mesh()
+    host = [(np.full((4, 2), k, np.float32), np.arange(4) + k) for k in range(5)]
+    read = []
+
+    def batches():
+        for k, batch in enumerate(host):
+            read.append(k)
+            yield batch
+
+    prefetched = sharding.prefetch_to_mesh(batches(), mesh, size=2)
+    first = next(prefetched)
+    assert read == [0, 1, 2]  # the current batch and the two after it are on the devices
+    got = [first, *prefetched]
+    assert len(got) == 5 and read == [0, 1, 2, 3, 4]
+    for (images, labels), (host_images, host_labels) in zip(got, host, strict=True):
+        assert images.sharding == sharding.batch_sharded(mesh)
+        np.testing.assert_array_equal(np.asarray(images), host_images)
+        np.testing.assert_array_equal(np.asarray(labels), host_labels)
