@@ -200,10 +200,11 @@ def _check_mixup_options(mixup_config: ml_collections.ConfigDict) -> None:
     """timm's four options (issue 17), by config_choices.check_options's own rules; a config
     made before they existed has their neutral defaults."""
     config_choices.check_options(label_smoothing=mixup_config.get('label_smoothing', 0.0),
-                        probability=mixup_config.get('probability', 1.0),
-                        off_epoch=mixup_config.get('off_epoch'),
-                        lambda_per=mixup_config.get('lambda_per', 'batch'))
-    if mixup_config.get('sinkhorn') == 'public' and mixup_config.get('cost_scale') != 'none':
+                                 probability=mixup_config.get('probability', 1.0),
+                                 off_epoch=mixup_config.get('off_epoch'),
+                                 lambda_per=mixup_config.get('lambda_per', 'batch'))
+    if mixup_config.get('sinkhorn') == 'public' and \
+            mixup_config.get('cost_scale', 'none') != 'none':
         raise _fail('mixup.cost_scale', "'none' with config.mixup.sinkhorn='public' (the "
                     'public loop solves the unscaled cost)', mixup_config.cost_scale)
 
