@@ -293,6 +293,14 @@ def _mebibytes(value) -> str:
     return '-' if value is None else f'{value / 2 ** 20:,.0f}'
 
 
+def _mode_figures(result: dict, mode: str) -> str:
+    """The images/s, alignment share and peak MiB columns of `mode`, as both tables print them."""
+    share = result['alignment_share'].get(mode)
+    share = '-' if share is None else f'{100 * share:.1f}%'
+    return (f'{result["images_per_second"][mode]:>11,.0f}{share:>13}'
+            f'{_mebibytes(result["peak_bytes"][mode]):>10}')
+
+
 def format_table(result: dict) -> str:
     lines = [f'{result["model"]} x{result["width"]} ({result["dtype"]}), batch '
              f'{result["batch_size"]}, {result["devices"]} {result["platform"]} device(s); '
@@ -302,11 +310,8 @@ def format_table(result: dict) -> str:
     ratios = result.get('step_ratio_to_input', {})
     for mode, ms in result['step_ms'].items():
         ratio = f'{ratios[mode]:.3f}' if mode in ratios else '-'
-        share = result['alignment_share'].get(mode)
-        share = '-' if share is None else f'{100 * share:.1f}%'
         lines.append(f'{"train step, " + mode:<34}{ms:>12.1f}{ratio:>14}'
-                     f'{result["images_per_second"][mode]:>11,.0f}{share:>13}'
-                     f'{_mebibytes(result["peak_bytes"][mode]):>10}')
+                     + _mode_figures(result, mode))
     lines.append(f'{"alignment of the batch":<34}{result["alignment_ms"]:>12.1f}{"-":>14}')
     if 'alignment_effect_ms' in result:
         share = 100 * result['alignment_effect_share']
@@ -329,11 +334,8 @@ def format_dtype_table(results: list) -> str:
     lines = ['', 'by dtype', header]
     for mode in results[0]['step_ms']:
         for result in results:
-            share = result['alignment_share'].get(mode)
-            share = '-' if share is None else f'{100 * share:.1f}%'
             line = (f'{mode:<16}{result["dtype"]:<10}{result["step_ms"][mode]:>10.1f}'
-                    f'{result["images_per_second"][mode]:>11,.0f}{share:>13}'
-                    f'{_mebibytes(result["peak_bytes"][mode]):>10}')
+                    + _mode_figures(result, mode))
             if with_torch:
                 line += f'{result["ratio_to_torch"][mode]:>12.3f}'
             lines.append(line)
