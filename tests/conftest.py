@@ -3,18 +3,26 @@
 import os
 import pathlib
 
-import jax
-import jax.numpy as jnp
-import pytest
+# Tests train the same tiny networks many times; compiling each program once saves minutes.
+# Set in the environment before JAX is imported, so that the commands the tests start as
+# subprocesses (the two-process run, the 8-device step, the command-line tests: 26 in all,
+# most of them the same tiny run) read and fill the same cache as the test processes.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ.get('ALIGNMIX_TEST_JAX_CACHE',
+                                                         '/tmp/alignmix_jax_test_cache')
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
-from configs import demo
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import demo  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg'
 
-# Tests train the same tiny networks many times; compiling each program once saves minutes.
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('ALIGNMIX_TEST_JAX_CACHE', '/tmp/alignmix_jax_test_cache'))
+# If a plugin imported JAX before this file, it read the environment too early.
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 

@@ -26,9 +26,7 @@ def trained(tmp_path_factory):
 
 
 def run_command(kind, workdir, *overrides):
-    environment = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.environ.get(
-        'ALIGNMIX_TEST_JAX_CACHE', '/tmp/alignmix_jax_test_cache'),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    environment = dict(os.environ)  # with conftest's compilation cache
     completed = subprocess.run(
         [sys.executable, '-m', f'alignmix_jax.evaluation.{kind}', '--config=configs/demo.py',
          f'--workdir={workdir}', *TINY_OVERRIDES, *overrides],
