@@ -13,11 +13,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-# The subprocesses share the tests' compilation cache (conftest.py), so a rerun compiles less.
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
-           JAX_COMPILATION_CACHE_DIR=os.environ.get('ALIGNMIX_TEST_JAX_CACHE',
-                                                    '/tmp/alignmix_jax_test_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+# The subprocesses share the tests' compilation cache: conftest.py puts it in os.environ.
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 # The smallest network: a sixteenth-width PreActResNet18 (4 to 32 channels), batch 8.
 TINY = ['--config=configs/demo.py', '--config.dataset.train_subset=64',
         '--config.model.width=0.0625', '--config.train.batch_size=8', '--steps=1',
