@@ -16,6 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
+import alignmix_jax  # noqa: E402, F401  (sets XLA's CPU flags before JAX starts its backend)
 from configs import demo  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
