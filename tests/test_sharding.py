@@ -40,17 +40,27 @@ def test_sharded_step_equals_the_per_shard_computation_on_8_devices():
 
 
 def demo_run_args(workdir, num_epochs):
+    # Two of the demo's modes: each one drawn is compiled in every process (and again for
+    # one device when resuming); with seed 0, steps 1-8 draw both (feature at step 5), so the
+    # processes must agree on a mode that changes from step to step; steps 9-12 draw both too.
     return ['--config=configs/demo.py', f'--workdir={workdir}',
             '--config.dataset.train_subset=64', '--config.model.width=0.125',
             '--config.train.batch_size=16', f'--config.train.num_epochs={num_epochs}',
             '--config.train.lr_decay_epochs=()', '--config.train.eval_batch_size=250',
-            '--config.train.eval_every_epochs=1', '--config.train.log_every_steps=1']
+            '--config.train.eval_every_epochs=1', '--config.train.log_every_steps=1',
+            "--config.mixup.modes=('input','feature')"]
 
 
 def logged_losses(output: str) -> dict[int, float]:
     """{step: loss} from the console lines '...] [step] train/accuracy=..., train/loss=...'."""
     pattern = re.compile(r'\] \[(\d+)\] train/.*train/loss=([^,\s]+)')
     return {int(match[1]): float(match[2]) for match in pattern.finditer(output)}
+
+
+def feature_steps(output: str) -> set[int]:
+    """The steps that drew the feature mode (one step per line: its fraction is 1)."""
+    pattern = re.compile(r'\] \[(\d+)\] train/.*train/mode_fraction/feature=1\b')
+    return {int(match[1]) for match in pattern.finditer(output)}
 
 
 def read_results(workdir):
@@ -67,6 +77,7 @@ def test_two_processes_train_and_one_process_resumes_their_checkpoint(tmp_path):
     two_process_results = read_results(workdir)
     two_process_losses = logged_losses(two.stdout)
     assert sorted(two_process_losses) == list(range(1, 9))
+    assert feature_steps(two.stdout) == {5}
 
     # The same checkpoint evaluated by one process on one device: every test image counted
     # once either way, so the accuracy is identical (the loss differs only by summation order).
@@ -84,6 +95,7 @@ def test_two_processes_train_and_one_process_resumes_their_checkpoint(tmp_path):
     assert 'Resumed from' in resumed.stderr and 'at step 8.' in resumed.stderr
     resumed_losses = logged_losses(resumed.stderr)
     assert sorted(resumed_losses) == list(range(9, 13))
+    assert feature_steps(resumed.stderr) == {10, 12}
     assert all(math.isfinite(loss) for loss in [*two_process_losses.values(),
                                                  *resumed_losses.values()])
 
