@@ -40,11 +40,19 @@ _STATE = 'the parameters or BatchNorm statistics'
 def all_finite(*trees) -> jax.Array:
     """One boolean scalar: whether every floating-point leaf of `trees` is finite.
 
-    Jit-able; under jit XLA fuses the per-leaf reductions into the step, and the result is a
-    single bool to fetch with the metrics. Integer leaves (step counts, keys) are skipped.
+    Jit-able; the result is a single bool to fetch with the metrics. Integer leaves (step
+    counts, keys) are skipped. The leaves of each dtype are flattened into one vector and
+    reduced once: XLA fuses the concatenation into the reduction, so it reads each leaf once,
+    as per-leaf reductions would, but compiles one fusion instead of one per leaf (133 for
+    PreActResNet18's train state: ~0.6-1.0 s of a step's 2.4-3.4 s compilation on this
+    project's CPU, with the same step time).
     """
-    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(trees)
-             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    by_dtype = {}
+    for leaf in jax.tree.leaves(trees):
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.inexact):
+            by_dtype.setdefault(dtype, []).append(jnp.ravel(leaf))
+    flags = [jnp.all(jnp.isfinite(jnp.concatenate(leaves))) for leaves in by_dtype.values()]
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 

@@ -176,7 +176,8 @@ def initial(config: ml_collections.ConfigDict, dataset=None) -> tuple[EvalContex
     init_key, _ = models.run_keys(config.seed)
     variables = jax.jit(functools.partial(models.initial_variables, config, context.model,
                                           context.image_shape, init_key),
-                        out_shardings=sharding.replicated(context.mesh))()
+                        out_shardings=sharding.replicated(context.mesh),
+                        compiler_options=models.INIT_COMPILER_OPTIONS)()
     return context, variables
 
 
