@@ -106,7 +106,7 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape, st
     mesh = sharding.make_mesh() if mesh is None else mesh
     # Built by jit straight into its replicated layout, identically in every process.
     state = jax.jit(initial_state, out_shardings=sharding.replicated(mesh),
-                    compiler_options=models.INIT_COMPILER_OPTIONS)()
+                    compiler_options=models.init_compiler_options())()
     if config.model.pretrained:
         # Outside the jit, so the weights are not compiled into the program as constants. A
         # resumed run then restores its checkpoint over them.

@@ -1,17 +1,20 @@
 """model.init: PyTorch's default initialisers against their formula, per layer kind, and the
 wiring from the config through create_train_state."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import sharding, train_step
+from alignmix_jax import models, sharding, train_step
 from alignmix_jax.config_choices import check_init
 from alignmix_jax.models import build_model
 from alignmix_jax.models.layers import pytorch_default_init
 from configs import cifar10, default, imagenet
+from tests.conftest import make_tiny_config
 
 
 def _layers(params):
@@ -92,3 +95,19 @@ def test_unknown_or_unsupported_init_is_one_line_error():
         check_init('kaiming', 'preact_resnet18')
     with pytest.raises(ValueError, match="set model.init='torchvision' for vit_small"):
         check_init('pytorch', 'vit_small')
+
+
+@pytest.mark.parametrize('init', ['torchvision', 'pytorch'])
+def test_initial_variables_compiled_with_the_init_options_are_bit_identical(init):
+    # create_train_state compiles the draw with models.init_compiler_options() (LLVM level 2
+    # on the CPU, for compile time only): the variables must be those of XLA's defaults.
+    config = make_tiny_config()
+    config.model.init = init
+    model = build_model(config.model, num_classes=10)
+    init_key, _ = models.run_keys(config.seed)
+    draw = functools.partial(models.initial_variables, config, model, (32, 32, 3), init_key)
+    assert models.init_compiler_options() == {'xla_backend_optimization_level': 2}
+    with_options = jax.jit(draw, compiler_options=models.init_compiler_options())()
+    with_defaults = jax.jit(draw)()
+    assert len(jax.tree.leaves(with_defaults)) > 20
+    jax.tree.map(np.testing.assert_array_equal, with_options, with_defaults)

@@ -177,7 +177,7 @@ def initial(config: ml_collections.ConfigDict, dataset=None) -> tuple[EvalContex
     variables = jax.jit(functools.partial(models.initial_variables, config, context.model,
                                           context.image_shape, init_key),
                         out_shardings=sharding.replicated(context.mesh),
-                        compiler_options=models.INIT_COMPILER_OPTIONS)()
+                        compiler_options=models.init_compiler_options())()
     return context, variables
 
 

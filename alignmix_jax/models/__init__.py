@@ -110,14 +110,15 @@ def build_model_for_dataset(config: ml_collections.ConfigDict, dataset, *,
                        normalization=(config.dataset.mean, config.dataset.std))
 
 
-# XLA options of the programs that draw the initial variables (jax.jit's compiler_options),
-# which run once per run. XLA's default LLVM level 3 spends most of their compilation
-# optimising the threefry rounds of every parameter tensor's draw: on this project's 2-core
-# CPU, 6.7 s for the tests' eighth-width PreActResNet18 and 5.5 s for the demo's, against 2.0
-# and 2.4 s at level 2, which gave the same variables bit for bit (both networks, and the
-# demo's with `model.init='pytorch'`).
-# The training step is left at level 3: level 2 saves it only ~5% of its compilation.
-INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 2}
+def init_compiler_options() -> dict:
+    """XLA options (jax.jit's compiler_options) of the programs that draw the initial
+    variables, which run once per run. On the CPU, XLA's default LLVM level 3 spends most of
+    their compilation optimising the threefry rounds of every parameter tensor's draw: on this
+    project's 2-core CPU, 6.7 s for the tests' eighth-width PreActResNet18 and 5.5 s for the
+    demo's, against 2.0 and 2.4 s at level 2, which gave the same variables bit for bit (both
+    networks, and the demo's with `model.init='pytorch'`). Other backends keep their defaults
+    (not measured). The training step keeps level 3: level 2 saves it only ~5%."""
+    return {'xla_backend_optimization_level': 2} if jax.default_backend() == 'cpu' else {}
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: Classifier, image_shape,
