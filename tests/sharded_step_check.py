@@ -22,15 +22,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignmix_jax import augmentation, data, mixup, models, sharding, train_step  # noqa: E402
+from alignmix_jax import augmentation, data, mixup, sharding, train_step  # noqa: E402
 from alignmix_jax.models import build_model  # noqa: E402
-from tests.conftest import init_key, make_tiny_config  # noqa: E402
-
-# The initial parameters drawn with conftest's rbg key instead of threefry, whose draws of the
-# network's parameter tensors take ~18 s longer to compile; the run's key (the per-step draws
-# this script checks) stays the training loop's.
-_run_keys = models.run_keys
-models.run_keys = lambda seed: (init_key(seed), _run_keys(seed)[1])
+from tests.conftest import make_tiny_config  # noqa: E402
 
 
 def max_difference(tree_a, tree_b) -> float:
