@@ -12,6 +12,7 @@ TORCH_COMPARISON = {
     'model.head_norm': False, 'model.embedding_dim': 0, 'model.flatten_features': False,
     'model.last_stride': 2, 'model.feature_pool': 1, 'model.decoder': 'none',
     'model.embedding_tensor_channels': 0, 'model.init': 'pytorch',
+    'model.preact_resnet18.shortcut': 'preactivated',
     'mixup.modes': TORCH_MODES, 'mixup.align': True, 'mixup.sinkhorn': 'public',
     'mixup.cost_scale': 'none', 'mixup.lambda_per': 'batch', 'mixup.label_smoothing': 0.0,
     'mixup.allow_inert_alignment': True, 'train.nesterov': False,

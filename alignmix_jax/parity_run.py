@@ -6,12 +6,12 @@ beside this project's trainer, on the same images, one method and seed per call.
 
 The protocol (short, for a CPU): a class-balanced subset of `train_images` training images,
 `test_images` test images (0: the whole test split; else a class-balanced subset), the
-quarter-width PreActResNet18 with the public head (pooling, linear) and PyTorch's default
-initialisation, SGD (lr 0.1, momentum 0.9, weight decay 1e-4, batch 128) for `epochs` epochs,
-lr x0.1 at each of `decay_epochs`, lambda ~ Beta(2, 2). Methods: 'none' (no mixup), 'input'
-(input mixup on every batch) and 'alignmix' (the public mode draw: input mixup with
-probability 1/2, else aligned feature mixup in one of its two directions; our
-`alignmix_public`).
+quarter-width PreActResNet18 with the public block (its identity shortcuts add the pre-activated
+input), the public head (pooling, linear) and PyTorch's default initialisation, SGD (lr 0.1,
+momentum 0.9, weight decay 1e-4, batch 128) for `epochs` epochs, lr x0.1 at each of
+`decay_epochs`, lambda ~ Beta(2, 2). Methods: 'none' (no mixup), 'input' (input mixup on every
+batch) and 'alignmix' (the public mode draw: input mixup with probability 1/2, else aligned
+feature mixup in one of its two directions; our `alignmix_public`).
 
 The two sides are independent runs, each with its own randomness:
 - torch (`alignmix_jax.torch_reference.train_step`): its own shuffling, crops, flips,
@@ -66,6 +66,7 @@ def our_config(method: str, seed: int):
     config.model.width = FLAGS.width
     config.model.head_norm = False
     config.model.init = 'pytorch'
+    config.model.preact_resnet18.shortcut = 'preactivated'  # the public PreActBlock
     config.mixup.alpha = ALPHA
     config.mixup.allow_inert_alignment = True  # the public head (see configs/methods.py)
     config.train.num_epochs = FLAGS.epochs

@@ -4,8 +4,10 @@ Written here from the public code (its cifar10_100/models/resnet.py, resnet18_cl
 main.py and utils/OT.py), read for what it computes; nothing is copied. What it transcribes:
 
 - `build_classifier`: its PreActResNet18 (a 3x3 stem with BatchNorm + ReLU, four stages of two
-  pre-activation blocks, no normalisation after the last one) with a width multiplier, and its
-  head: 4x4 average pooling, then one Linear layer. Every layer keeps PyTorch's default
+  pre-activation blocks whose shortcut adds the pre-activated input relu(bn1(x)), also where
+  the shape is kept, no normalisation after the last one) with a width multiplier, and its
+  head: 4x4 average pooling, then one Linear layer. Our side computes the same network with
+  `model.preact_resnet18.shortcut='preactivated'`. Every layer keeps PyTorch's default
   initialisation (Conv2d and Linear: kaiming-uniform with a = sqrt(5), Linear's bias
   U(+-1/sqrt(fan_in)); BatchNorm2d: scale 1, bias 0, momentum 0.1, eps 1e-5, running variance
   unbiased).
@@ -19,7 +21,8 @@ main.py and utils/OT.py), read for what it computes; nothing is copied. What it 
   Unlike the public code, the permutation and lambda are arguments, so both sides of a parity
   test can be given the same ones.
 - `load_flax_variables` / `flax_tree`: copy this project's Flax variables of
-  `Classifier(encoder_name='preact_resnet18', use_head_norm=False, embedding_dim=0)` into the
+  `Classifier(encoder_name='preact_resnet18', use_head_norm=False, embedding_dim=0)` (the same
+  tree for either shortcut) into the
   torch model, and read the torch state (or its gradients) back in the Flax tree layout.
 
 Images are NCHW float32 tensors, already augmented and normalised (`to_torch_images` converts
@@ -57,19 +60,24 @@ def _modules():
     nn, functional = torch.nn, torch.nn.functional
 
     class PreActBlock(nn.Module):
+        # As the public block: its shortcut always applies to the pre-activated input, an
+        # empty nn.Sequential (so relu(bn1(x)) itself) where the shape is kept, a 1x1
+        # convolution where it changes. Its state_dict names are the public ones
+        # (shortcut.0.weight for the projection).
         def __init__(self, in_channels, channels, stride):
             super().__init__()
             self.bn1 = nn.BatchNorm2d(in_channels)
             self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
             self.bn2 = nn.BatchNorm2d(channels)
             self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-            self.shortcut = None
+            self.shortcut = nn.Sequential()
             if stride != 1 or in_channels != channels:
-                self.shortcut = nn.Conv2d(in_channels, channels, 1, stride, bias=False)
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, channels, 1, stride, bias=False))
 
         def forward(self, x):
             preactivated = functional.relu(self.bn1(x))
-            shortcut = x if self.shortcut is None else self.shortcut(preactivated)
+            shortcut = self.shortcut(preactivated)
             out = self.conv1(preactivated)
             return self.conv2(functional.relu(self.bn2(out))) + shortcut
 
@@ -235,9 +243,10 @@ def _flax_paths(model):
         for block in (1, 2):
             prefix = f'encoder.layer{stage}.{block - 1}'
             flax_block = ('encoder', f'stage{stage}_block{block}')
-            for conv in ('conv1', 'conv2', 'shortcut'):
-                paths[f'{prefix}.{conv}.weight'] = ('params', (*flax_block, conv, 'kernel'),
-                                                    'conv')
+            for torch_conv, conv in (('conv1', 'conv1'), ('conv2', 'conv2'),
+                                     ('shortcut.0', 'shortcut')):
+                paths[f'{prefix}.{torch_conv}.weight'] = (
+                    'params', (*flax_block, conv, 'kernel'), 'conv')
             for norm in ('bn1', 'bn2'):
                 norm_layers[f'{prefix}.{norm}'] = (*flax_block, f'norm{norm[-1]}')
     for torch_layer, flax_layer in norm_layers.items():

@@ -24,6 +24,7 @@ def get_config(variant: str | None = None):
     config = default.get_config()
     config.dataset.name = 'cifar100'
     config.model.init = 'pytorch'  # the public CIFAR networks keep PyTorch's defaults
+    config.model.preact_resnet18.shortcut = 'preactivated'  # the public block (above)
     if variant is not None:
         methods.apply_variant(config, variant)
     return config

@@ -76,7 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
     # convolution, replaces the embedding vector (128 in the paper); mix it with the modes
     # 'embedding_tensor' and 'embedding_tensor_prime' (aligned like A when mixup.align).
     config.model.embedding_tensor_channels = 0
-    # Options of the backbones beyond the paper, read only by their own encoder. Their width is
+    # The encoders' own options, each read only by its own encoder.
+    # 'preact_resnet18': what the five shape-keeping blocks add on their identity shortcut
+    # (models/preact_resnet.py): 'identity', the block's input x (He et al. 2016); or
+    # 'preactivated', relu(bn1(x)), as the public AlignMixup PreActResNet18 does (the CIFAR and
+    # Tiny-ImageNet configs set it; configs/cifar10.py says why).
+    config.model.preact_resnet18 = ml_collections.ConfigDict()
+    config.model.preact_resnet18.shortcut = 'identity'
+    # The backbones beyond the paper. Their width is
     # config.model.width times the base width (384 for the ViT, 96 for Swin, as DeiT-S, Swin-T).
     # 'vit_small' (DeiT-S/16): A is the grid of patch tokens (and the class token); f runs the
     # last `head_blocks` transformer blocks, the final LayerNorm and the class token (or the

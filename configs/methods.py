@@ -64,6 +64,7 @@ METHODS = {
                         'mixup.sinkhorn': 'public', 'mixup.prime_plan': 'reuse',
                         'mixup.sinkhorn_iters': 100, 'mixup.sinkhorn_threshold': 0.1,
                         'model.head_norm': False, 'model.init': 'pytorch',
+                        'model.preact_resnet18.shortcut': 'preactivated',
                         'mixup.allow_inert_alignment': True},
 }
 

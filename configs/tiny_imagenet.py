@@ -58,6 +58,7 @@ def get_config():
     config.model.last_stride = 2
     config.model.feature_pool = 1
     config.model.init = 'pytorch'  # the public code keeps PyTorch's defaults (see above)
+    config.model.preact_resnet18.shortcut = 'preactivated'  # the public block (see above)
 
     config.train.batch_size = 128
     config.train.num_epochs = 1200

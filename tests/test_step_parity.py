@@ -15,15 +15,15 @@ lambda the step derives from its keys.
 
 Both networks and optimizers run in float64 (on our side the logits, the loss and the Sinkhorn
 plan stay in float32, as the model and the step compute them), so the gradients agree to 1e-7
-(none, input) and 5e-6 (feature modes). In float32 the comparison is at the mercy of a ReLU: a
-pre-activation within float32 rounding of zero passes on one side and not on the other, and
-that moves some gradients far beyond rounding. Seen on an Intel Xeon (AVX-512) with the fixed
-batch below: one of the 131,072 inputs of stage1_block2's second ReLU is -6.7e-8 in float64,
-our float32 forward rounded it positive and PyTorch's negative, and stage1_block2.conv1's kernel
-gradient moved by 3.9% of its largest value (float32 gradients otherwise agree to 1e-6). Which
-values flip depends on the CPU's instruction set and summation order, so a float32 parity test
-passes on one machine and fails on the next; in float64 the same flip needs a pre-activation
-within ~1e-16 of zero.
+(none, input) and 1e-5 to 4e-5 (feature modes: the float32 plan; `tolerance`). In float32 the
+comparison is at the mercy of a ReLU: a pre-activation within float32 rounding of zero passes
+on one side and not on the other, and that moves some gradients far beyond rounding. Seen on an
+Intel Xeon (AVX-512) with the fixed batch below: one of the 131,072 inputs of stage1_block2's
+second ReLU is -6.7e-8 in float64, our float32 forward rounded it positive and PyTorch's
+negative, and stage1_block2.conv1's kernel gradient moved by 3.9% of its largest value (float32
+gradients otherwise agree to 1e-6). Which values flip depends on the CPU's instruction set and
+summation order, so a float32 parity test passes on one machine and fails on the next; in
+float64 the same flip needs a pre-activation within ~1e-16 of zero.
 
 One difference is known and converted here rather than hidden: PyTorch's running variance
 averages the unbiased batch variance (n / (n - 1) times the biased one Flax averages), n the
@@ -38,6 +38,7 @@ import optax
 import pytest
 
 from alignmix_jax import alignment, augmentation, losses, mixup, sharding, train_step
+from alignmix_jax.models import encoder_options
 from alignmix_jax.models.classifier import Classifier
 from alignmix_jax.train_step import make_optimizer
 from configs import cifar10
@@ -48,6 +49,8 @@ from alignmix_jax import torch_reference  # noqa: E402  (needs torch)
 
 BATCH, WIDTH, CLASSES = 8, 0.25, 10
 LAM = 0.3
+# The public PreActBlock's shortcut (models/preact_resnet.py), which torch_reference transcribes.
+PUBLIC_BLOCK = (('shortcut', 'preactivated'),)
 BN_MOMENTUM = 0.1  # PyTorch's: weight of the new batch
 
 
@@ -138,6 +141,14 @@ def as_torch_running_var(flax_stats, previous_flax_stats, previous_torch_stats):
     return expected
 
 
+def tolerance(mode: str) -> float:
+    """Relative tolerance of gradients and parameter changes: 5e-6 where both sides compute in
+    float64 (measured up to 6e-7), 2e-4 for the aligned modes, whose plan our side computes
+    in float32 (measured 1e-5 to 4e-5 on the public network; its peaked plans pass float32
+    rounding of the cost on). A network that differs (a shortcut, a layer) is off by O(1)."""
+    return 2e-4 if mode.startswith('feature') else 5e-6
+
+
 def assert_trees_close(actual, expected, *, rtol, what):
     """Leaf by leaf: |a - e| <= rtol * max|e| of the leaf (plus a tiny floor for zeros)."""
     flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
@@ -153,7 +164,7 @@ def assert_trees_close(actual, expected, *, rtol, what):
     return worst
 
 
-def assert_parameters_close(actual, expected, initial, *, rtol=1e-5):
+def assert_parameters_close(actual, expected, initial, *, rtol):
     """Updated parameters, relative to what the steps changed in each leaf (a parameter
     that starts at zero, like the BatchNorm biases, is all change), plus float32's rounding of
     the leaf's values (4 ulps: the change of a scale near 1 is only known to ~1e-7).
@@ -187,7 +198,8 @@ def initial_variables():
 @jax.enable_x64(True)
 def test_sgd_steps_match_pytorch(initial_variables, mode, num_steps):
     images, labels, permutation = fixed_batch()
-    model = Classifier(num_classes=CLASSES, width=WIDTH, use_head_norm=False, dtype=jnp.float64)
+    model = Classifier(num_classes=CLASSES, width=WIDTH, use_head_norm=False, dtype=jnp.float64,
+                       encoder_options=PUBLIC_BLOCK)
     params = as_float64(initial_variables['params'])
     batch_stats = as_float64(initial_variables['batch_stats'])
     optimizer, _ = make_optimizer(train_config(), steps_per_epoch=10)
@@ -201,6 +213,7 @@ def test_sgd_steps_match_pytorch(initial_variables, mode, num_steps):
                    torch.from_numpy(permutation))
 
     expected_stats = jax.tree.map(np.array, initial_variables['batch_stats'])
+    rtol = tolerance(mode)
     worst = {'gradient': 0.0}
     for _ in range(num_steps):
         (loss, new_batch_stats), grads = loss_and_grad(params, batch_stats)
@@ -212,11 +225,11 @@ def test_sgd_steps_match_pytorch(initial_variables, mode, num_steps):
                                             mode)
         np.testing.assert_allclose(result['loss'], float(loss), rtol=2e-6)
         worst['gradient'] = max(worst['gradient'], assert_trees_close(
-            grads, torch_reference.flax_tree(torch_model, grads=True)['params'], rtol=5e-5,
+            grads, torch_reference.flax_tree(torch_model, grads=True)['params'], rtol=rtol,
             what='gradient'))
     torch_state = torch_reference.flax_tree(torch_model)
     worst['parameter'] = assert_parameters_close(params, torch_state['params'],
-                                                 initial_variables['params'])
+                                                 initial_variables['params'], rtol=rtol)
     worst['BatchNorm statistic'] = assert_trees_close(
         expected_stats, torch_state['batch_stats'], rtol=2e-6, what='BatchNorm statistic')
     print(f'{mode} x{num_steps}: loss {float(loss):.6f} (torch {result["loss"]:.6f}); worst '
@@ -230,7 +243,10 @@ def test_real_step_matches_pytorch(initial_variables, mode):
     config = cifar10.get_config('alignmix_public')
     config.model.width = WIDTH
     config.train.lr_decay_epochs = ()
-    model = Classifier(num_classes=CLASSES, width=WIDTH, use_head_norm=False, dtype=jnp.float64)
+    # The method trains the public network: the model below is the one its config builds.
+    assert dict(encoder_options(config.model))['shortcut'] == 'preactivated'
+    model = Classifier(num_classes=CLASSES, width=WIDTH, use_head_norm=False, dtype=jnp.float64,
+                       encoder_options=PUBLIC_BLOCK)
     mesh = sharding.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(config, model, (32, 32, 3), 10, mesh)
     state = state.replace(params=as_float64(initial_variables['params']),
@@ -264,6 +280,6 @@ def test_real_step_matches_pytorch(initial_variables, mode):
             assert 1 <= result['iterations'] <= 100
     torch_state = torch_reference.flax_tree(torch_model)
     assert_parameters_close(jax.device_get(state.params), torch_state['params'],
-                            initial_variables['params'])
+                            initial_variables['params'], rtol=tolerance(mode))
     assert_trees_close(expected_stats, torch_state['batch_stats'], rtol=2e-6,
                        what='BatchNorm statistic')

@@ -21,7 +21,7 @@ from alignmix_jax.models.classifier import (
 )
 from alignmix_jax.models.layers import pytorch_default_init, scaled_channels
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
-from alignmix_jax.models.preact_resnet import PreActResNet18
+from alignmix_jax.models.preact_resnet import SHORTCUTS, PreActResNet18
 from alignmix_jax.models.resnet import ResNet50
 from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP
@@ -64,6 +64,10 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
     """
     encoder_class(model_config.name)  # fail here, not at the first init, on an unknown name
     config_choices.check_init(model_config.get('init', 'torchvision'), model_config.name)
+    options = dict(encoder_options(model_config))
+    if 'shortcut' in options and options['shortcut'] not in SHORTCUTS:
+        raise ValueError(f'unknown model.{model_config.name}.shortcut {options["shortcut"]!r}; '
+                         f'valid: {", ".join(SHORTCUTS)}')
     if model_config.dtype not in DTYPES:
         raise ValueError(f'unknown model dtype {model_config.dtype!r}; valid dtypes: '
                          f'{", ".join(DTYPES)}')
@@ -94,7 +98,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
         embedding_dim=model_config.embedding_dim,
         flatten_features=model_config.flatten_features,
         use_head_norm=model_config.head_norm,
-        encoder_options=encoder_options(model_config),
+        encoder_options=tuple(options.items()),
         dtype=DTYPES[model_config.dtype],
         batch_norm_axis=batch_norm_axis,
     )

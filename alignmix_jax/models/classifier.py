@@ -68,6 +68,7 @@ ENCODERS = {
 # Encoders configured by a section of their own (config.model.<section>), passed to the
 # encoder's constructor as keyword arguments: config.model.name -> section.
 ENCODER_OPTIONS = {
+    'preact_resnet18': 'preact_resnet18',
     'mobilenet_v2': 'mobilenet_v2',
     'vit_small': 'vit',
     'swin_tiny': 'swin',

@@ -24,19 +24,27 @@ from alignmix_jax.models.layers import (
     stage_range,
 )
 
+SHORTCUTS = ('identity', 'preactivated')
+
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a shortcut; output left unnormalised.
 
-    The shortcut is the identity when shape is preserved; otherwise a 1x1 convolution of the
-    pre-activated input (as in He et al. 2016 and the reference PyTorch code), so that the
-    projection sees normalised activations.
+    Where the shape changes, the shortcut is a 1x1 convolution of the pre-activated input
+    relu(bn1(x)) (He et al. 2016 and the public AlignMixup code alike). Where the shape is kept,
+    `shortcut` says what is added:
+    - 'identity': the block's input x, He et al.'s pre-activation block (an unnormalised
+      residual stream from the stem to A);
+    - 'preactivated': relu(bn1(x)), what the public AlignMixup PreActBlock adds (it always
+      applies its `self.shortcut`, an empty nn.Sequential when the shape is kept, to the
+      pre-activated input), so every block restarts the stream from a normalised tensor.
     """
 
     channels: int
     stride: int = 1
     dtype: Any = jnp.float32
     batch_norm_axis: str | None = None
+    shortcut: str = 'identity'
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -45,8 +53,13 @@ class PreActBlock(nn.Module):
             shortcut = nn.Conv(self.channels, (1, 1), strides=(self.stride, self.stride),
                                padding='VALID', use_bias=False, kernel_init=conv_kernel_init,
                                dtype=self.dtype, name='shortcut')(preactivated)
-        else:
+        elif self.shortcut == 'preactivated':
+            shortcut = preactivated
+        elif self.shortcut == 'identity':
             shortcut = x
+        else:
+            raise ValueError(f'unknown PreActBlock shortcut {self.shortcut!r}; valid: '
+                             f'{", ".join(SHORTCUTS)}')
         out = conv3x3(self.channels, self.stride, self.dtype, 'conv1')(preactivated)
         out = nn.relu(batch_norm(train, self.dtype, 'norm2', self.batch_norm_axis)(out))
         out = conv3x3(self.channels, 1, self.dtype, 'conv2')(out)
@@ -62,6 +75,11 @@ class PreActResNet18(nn.Module):
     'norm2', 'conv2' and, where the shape changes, 'shortcut'). `start`/`stop` run a part of
     the stages (`stage_range`): representation 1 is the output of stage1 (64 x width channels,
     32x32), 2 of stage2 (16x16), 3 of stage3 (8x8).
+
+    `shortcut` (config.model.preact_resnet18.shortcut): the identity shortcuts of the five
+    blocks that keep their shape (stage 1's two, the second of stages 2-4), 'identity' (He et
+    al.) or 'preactivated' (the public AlignMixup network); see `PreActBlock`. Both have the
+    same parameters.
     """
 
     width: float = 1.0
@@ -69,6 +87,7 @@ class PreActResNet18(nn.Module):
     feature_pool: int = 1
     dtype: Any = jnp.float32
     batch_norm_axis: str | None = None
+    shortcut: str = 'identity'
 
     stage_channels = (64, 128, 256, 512)
     blocks_per_stage = 2
@@ -93,5 +112,6 @@ class PreActResNet18(nn.Module):
                 out = PreActBlock(scaled_channels(channels, self.width),
                                   stride if block == 1 else 1, dtype=self.dtype,
                                   batch_norm_axis=self.batch_norm_axis,
+                                  shortcut=self.shortcut,
                                   name=f'stage{stage}_block{block}')(out, train)
         return pool_features(out, self.feature_pool) if stop == self.num_stages else out
