@@ -177,9 +177,9 @@ def resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=0.1)
     at step 7. Checks what the stop promises whichever detector fired: nothing saved or
     rotated, the newest checkpoint finite and named; returns the message and the workdir.
 
-    The modes drawn for steps 5-8 are 'feature_prime', 'input', 'input', 'input'
-    (train.choose_mode, seed 0): step 7 is the second 'input' step of the resumed run, so
-    the loss explosion detector has a reference for it (step 6's loss).
+    Of the modes drawn for steps 5-8 (seed 0, asserted below), step 7 is the second 'input'
+    step of the resumed run, so the loss explosion detector has a reference for it (step 6's
+    loss).
     """
     good_workdir, good_params = good_epoch
     workdir = tmp_path / 'run'
@@ -188,6 +188,8 @@ def resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=0.1)
     config.train.num_epochs = 3
     config.train.keep_checkpoints = 2
     config.train.learning_rate = learning_rate
+    assert [train.choose_mode(train.training_modes(config), config.seed, step)
+            for step in range(5, 9)] == ['feature_prime', 'input', 'input', 'input']
     with pytest.raises(FloatingPointError) as stop:
         train.train_and_evaluate(config, str(workdir))
     message = str(stop.value)
