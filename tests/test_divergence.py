@@ -1,6 +1,8 @@
 """The divergence check's parts on fixed inputs: finiteness, the loss explosion, the advice."""
 
 import math
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -161,29 +163,114 @@ def assert_every_checkpoint_finite(workdir, config, demo_dataset):
         assert bool(divergence.all_finite(state.params, state.batch_stats)), step
 
 
-def test_a_diverging_run_stops_before_saving_and_names_its_finite_checkpoint(tmp_path,
-                                                                             demo_dataset):
-    config, workdir = make_tiny_config(), tmp_path / 'run'
-    good_state = train_one_good_epoch(config, workdir, demo_dataset)
+@pytest.fixture(scope='module')
+def good_epoch(tmp_path_factory, demo_dataset):
+    """Epoch 0 of the tiny run, trained once: its workdir (checkpoints 2 and 4) and the
+    parameters of step 4. Each test below resumes its own copy for epochs 1 and 2."""
+    workdir = tmp_path_factory.mktemp('good_epoch') / 'run'
+    state = train_one_good_epoch(make_tiny_config(), workdir, demo_dataset)
+    return workdir, jax.device_get(state.params)
+
+
+def resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=0.1):
+    """Resumes a copy of the good epoch for two more epochs, which must stop on a divergence
+    at step 7. Checks what the stop promises whichever detector fired: nothing saved or
+    rotated, the newest checkpoint finite and named; returns the message and the workdir.
+
+    Of the modes drawn for steps 5-8 (seed 0, asserted below), step 7 is the second 'input'
+    step of the resumed run, so the loss explosion detector has a reference for it (step 6's
+    loss).
+    """
+    good_workdir, good_params = good_epoch
+    workdir = tmp_path / 'run'
+    shutil.copytree(good_workdir, workdir)
+    config = make_tiny_config()
     config.train.num_epochs = 3
-    config.train.learning_rate = 1e6
+    config.train.keep_checkpoints = 2
+    config.train.learning_rate = learning_rate
+    assert [train.choose_mode(train.training_modes(config), config.seed, step)
+            for step in range(5, 9)] == ['feature_prime', 'input', 'input', 'input']
     with pytest.raises(FloatingPointError) as stop:
         train.train_and_evaluate(config, str(workdir))
-    # Steps 5 and 6 stayed finite and within the factor, so step 6 was saved (and the rotation
-    # deleted step 2); step 7's update overflowed, and step 8's save was refused.
-    assert str(stop.value) == (
-        "the parameters or BatchNorm statistics became non-finite at step 7 (mode 'input'), "
-        "with finite metrics; stopped without saving: the newest checkpoint, all finite, is "
-        f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
-        "(--config.train.learning_rate=100000, now 1e+06); then restart")
-    # A save of step 8 would have rotated step 4 out: nothing was written, nothing deleted.
+    message = str(stop.value)
+    # Steps 5 and 6 were checked and step 6 saved (the rotation deleted step 2); step 7
+    # diverged, so step 8's save, which would have rotated step 4 out, was refused.
+    assert message.endswith(
+        f'; stopped without saving: the newest checkpoint, all finite, is step 6 '
+        f'({workdir}/checkpoints/6). To go on: lower the learning rate '
+        f'(--config.train.learning_rate={learning_rate / 10:g}, now {learning_rate:g}); '
+        'then restart'), message
     assert checkpoint_listing(workdir) == ['4', '6']
     state, _, step = restore_params(str(workdir), config, demo_dataset)  # the one it names
     assert step == 6
-    assert bool(divergence.all_finite(state.params, state.batch_stats))
     kept = restore_params(str(workdir), config, demo_dataset, step=4)[0]
-    jax.tree.map(np.testing.assert_array_equal, kept.params, good_state.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(kept.params), good_params)
     assert_every_checkpoint_finite(workdir, config, demo_dataset)
+    return message, workdir
+
+
+def test_an_update_that_overflows_stops_the_run_on_the_state_check(good_epoch, tmp_path,
+                                                                    monkeypatch, demo_dataset):
+    # Step 7's gradients become infinite inside the jitted step, after its loss and metrics
+    # (finite): the new parameters are non-finite on every CPU, and only the step's own
+    # all_finite of its new state can see it.
+    apply_gradients = train_step.apply_gradients
+
+    def apply_overflowing_gradients(state, grads, batch_stats, frozen):
+        grads = jax.tree.map(lambda grad: jnp.where(state.step + 1 == 7, jnp.inf, grad), grads)
+        return apply_gradients(state, grads, batch_stats, frozen)
+
+    monkeypatch.setattr(train_step, 'apply_gradients', apply_overflowing_gradients)
+    message, workdir = resume_until_it_stops(good_epoch, tmp_path, demo_dataset)
+    assert message == (
+        "the parameters or BatchNorm statistics became non-finite at step 7 (mode 'input'), "
+        "with finite metrics; stopped without saving: the newest checkpoint, all finite, is "
+        f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
+        "(--config.train.learning_rate=0.01, now 0.1); then restart")
+
+
+def test_an_exploding_loss_stops_the_run_on_the_explosion_detector(good_epoch, tmp_path,
+                                                                   monkeypatch, demo_dataset):
+    # Step 7 reports a loss of 1e9, finite and far above 1000 times step 6's (about 2.3, an
+    # untrained classifier's): only the detector can see it, the state stays finite.
+    make_train_step, losses = train.make_train_step, {}
+
+    def make_step_with_exploding_loss(*args, **kwargs):
+        compiled = make_train_step(*args, **kwargs)
+
+        def step(state, images, labels, mode):
+            number = int(state.step) + 1  # before the step donates the state
+            state, step_metrics = compiled(state, images, labels, mode=mode)
+            if number == 7:
+                step_metrics = {**step_metrics, 'loss': jnp.float32(1e9)}
+            losses[number] = float(step_metrics['loss'])
+            return state, step_metrics
+
+        return step
+
+    monkeypatch.setattr(train, 'make_train_step', make_step_with_exploding_loss)
+    message, workdir = resume_until_it_stops(good_epoch, tmp_path, demo_dataset)
+    # The loop checks at step 8's fetch, which covers steps 7 and 8.
+    assert sorted(losses) == [5, 6, 7, 8] and 1.0 < losses[6] < 5.0, losses
+    # The reference is the running median of the resumed run's 'input' losses: step 6's.
+    assert message == (
+        f"the training loss exploded at step 7 (mode 'input'): 1e+09, its running median "
+        f"{losses[6]:.4g}; stopped without saving: the newest checkpoint, all finite, is "
+        f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
+        "(--config.train.learning_rate=0.01, now 0.1); then restart")
+
+
+def test_a_learning_rate_that_diverges_stops_at_its_first_diverged_step(good_epoch, tmp_path,
+                                                                        demo_dataset):
+    # A real divergence: at 1e6 the loss of step 6 is ~1e8 and step 7 diverges. Which of the
+    # checks sees it first depends on the CPU's float32 rounding (on an AVX2 CPU step 7's
+    # loss was 8e15 with finite parameters; on an AVX-512 one its update overflowed to
+    # infinity with a finite loss), so only the step and what follows are asserted; each
+    # check is tested exactly by the two tests above.
+    message, _ = resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=1e6)
+    assert re.match(r"(the parameters or BatchNorm statistics became non-finite|the training "
+                    r"loss exploded|train/\w+ became (nan|inf|-inf)) at step 7 \(mode 'input'\)"
+                    r"[,:;]", message), message
 
 
 def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_dataset):
