@@ -17,6 +17,14 @@ Initialisation (`model.init='pytorch'`): the public CIFAR code never re-initiali
 PreActResNet18 or WRN16-8 (its WRN defines a conv_init but does not apply it), so every
 convolution and linear layer keeps PyTorch's default U(+-1/sqrt(fan_in)) weights and biases.
 `--config.model.init=torchvision` gives torchvision's He normal (fan_out) convolutions.
+
+Network (`model.preact_resnet18.shortcut='preactivated'`): the public PreActBlock adds the
+pre-activated input relu(bn1(x)) on the identity shortcuts of its five shape-keeping blocks,
+where He et al.'s block adds x ('identity'). The paper's numbers come from the public network,
+and the difference matters for mixup: on a 10,000-image, 20-epoch CPU protocol (the README's
+parity section) input mixup and the public AlignMix trained 3-4 points below the public code
+with 'identity' and inside its seed spread with 'preactivated', while the baseline agrees with
+either. `--config.model.preact_resnet18.shortcut=identity` gives He et al.'s block.
 """
 
 from configs import default, methods

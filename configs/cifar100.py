@@ -13,6 +13,9 @@ Initialisation (`model.init='pytorch'`): the public CIFAR code never re-initiali
 PreActResNet18 or WRN16-8 (its WRN defines a conv_init but does not apply it), so every
 convolution and linear layer keeps PyTorch's default U(+-1/sqrt(fan_in)) weights and biases.
 `--config.model.init=torchvision` gives torchvision's He normal (fan_out) convolutions.
+
+Network: the public PreActBlock (`model.preact_resnet18.shortcut='preactivated'`), as
+configs/cifar10.py explains.
 """
 
 from configs import default, methods

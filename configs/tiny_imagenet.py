@@ -36,6 +36,10 @@ that is not the public code's setting.
 Initialisation (`model.init='pytorch'`): the public Tiny-ImageNet code, as its CIFAR code, keeps
 PyTorch's default initialisation of its PreActResNet18 (U(+-1/sqrt(fan_in)) for every
 convolution and linear layer; nothing re-initialises them).
+
+Network: the public Tiny-ImageNet PreActResNet18 has the same block as its CIFAR one (its
+identity shortcuts add the pre-activated input relu(bn1(x))), so
+`model.preact_resnet18.shortcut='preactivated'`, as configs/cifar10.py explains.
 """
 
 from configs import default

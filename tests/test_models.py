@@ -172,9 +172,10 @@ def randomise(tree, seed):
                       else rng.normal(0.0, 0.3, leaf.shape)).astype(np.float32), tree)
 
 
+@pytest.mark.parametrize('shortcut', ['identity', 'preactivated'])
 @pytest.mark.parametrize('in_channels, out_channels, stride', [(4, 8, 2), (8, 8, 1)])
-def test_preact_block_matches_written_out_reference(in_channels, out_channels, stride):
-    block = PreActBlock(out_channels, stride)
+def test_preact_block_matches_written_out_reference(in_channels, out_channels, stride, shortcut):
+    block = PreActBlock(out_channels, stride, shortcut=shortcut)
     x = np.random.default_rng(9).normal(size=(2, 6, 6, in_channels)).astype(np.float32)
     variables = randomise(jax.eval_shape(functools.partial(block.init, train=False),
                                          jax.random.PRNGKey(0), x), 1)
@@ -192,7 +193,8 @@ def test_preact_block_matches_written_out_reference(in_channels, out_channels, s
         # Projection of the pre-activated input, not of x.
         expected += reference_conv(preactivated, params['shortcut']['kernel'], stride, 'VALID')
     else:
-        expected += x
+        # He et al.'s block adds x; the public AlignMixup block its pre-activated input.
+        expected += x if shortcut == 'identity' else preactivated
     assert ('shortcut' in params) == (stride != 1 or in_channels != out_channels)
     assert out.shape == (2, 6 // stride, 6 // stride, out_channels)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -365,6 +367,18 @@ def test_unknown_model_name_raises_one_line_error():
     message = str(error.value)
     assert message == ("unknown model name 'resnet101'; valid names: preact_resnet18, "
                        "wide_resnet16_8, resnet50, vgg16_gap, mobilenet_v2, vit_small, swin_tiny")
+
+
+def test_the_preact_shortcut_is_configured_and_checked():
+    config = model_config()
+    assert build_model(config, NUM_CLASSES).encoder_options == (('shortcut', 'identity'),)
+    config.preact_resnet18.shortcut = 'preactivated'
+    assert build_model(config, NUM_CLASSES).encoder_options == (('shortcut', 'preactivated'),)
+    config.preact_resnet18.shortcut = 'x'
+    with pytest.raises(ValueError) as error:
+        build_model(config, NUM_CLASSES)
+    assert str(error.value) == ("unknown model.preact_resnet18.shortcut 'x'; valid: identity, "
+                                'preactivated')
 
 
 def test_unknown_dtype_and_indivisible_pool_raise():
