@@ -270,8 +270,8 @@ def run_claims(make_config: Callable[[str], object], methods: Sequence[str],
     datasets = {}  # shared with run_all: the data is decoded once
     runs = []
     started_done = {(method, seed) for method in methods for seed in seeds
-                    if run_status(reproduction_runs.run_directory(workdir, method, seed),
-                                  ) == 'done'}
+                    if run_status(reproduction_runs.run_directory(workdir, method, seed))
+                    == 'done'}
     report(remaining_report(workdir, methods, seeds))
 
     def after_run(method, seed):
