@@ -218,15 +218,17 @@ def format_markdown(summary: dict, runs: Sequence[dict], *, command: str, machin
     if not runs:
         return f'No run is trained and evaluated yet. {remaining}\n'
     epochs = list(next(iter(summary.values()))['curve'])
+    curve_header = (f'test accuracy at epoch {" / ".join(epochs)}, % (mean)' if epochs
+                    else 'test accuracy during training (not logged)')
     lines = [
-        f'| method | seeds | test accuracy at epoch {" / ".join(epochs)}, % (mean) | final '
+        f'| method | seeds | {curve_header} | final '
         'test accuracy, % | FGSM accuracy, % | PGD accuracy, % | ECE, % | OE, % | wall time '
         'per run (training + evaluation) |',
         '|---|---|---|---|---|---|---|---|---|',
     ]
     for method, figures in summary.items():
         curve = ' / '.join(f'{100 * figures["curve"][epoch]:.2f}' if epoch in figures['curve']
-                           else '-' for epoch in epochs)
+                           else '-' for epoch in epochs) or '-'
         cells = [f'{100 * figures[figure]["mean"]:.2f} ± {100 * figures[figure]["std"]:.2f}'
                  for figure in FIGURES]
         wall = figures['wall_seconds_mean']

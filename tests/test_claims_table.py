@@ -234,3 +234,37 @@ def test_cpu_protocol_refuses_the_ablation_in_one_line(tmp_path):
         'error: --ablation runs on the mini-reproduction budget; leave out --protocol=cpu (or '
         '--ablation)')
     assert not (tmp_path / 'runs').exists()
+
+
+def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path):
+    """The command's wiring: the runs of --methods/--seeds under WORKDIR, all finished (as
+    written by training and the evaluation commands), are tabulated, not trained again."""
+    workdir = tmp_path / 'runs'
+    directory = reproduction_runs.run_directory(str(workdir), 'baseline', 0)
+    _write(os.path.join(directory, 'results.json'),
+           {'final_test_accuracy': 0.6, 'final_test_loss': 1.2, 'best_test_accuracy': 0.6,
+            'best_epoch': 100, 'steps': 1500, 'wall_seconds': 720.0})
+    _write(os.path.join(directory, 'eval', 'robustness.json'), {
+        'kind': 'robustness', 'step': 1500,
+        'results': {'clean_top1_error': 0.4, 'fgsm_top1_error': 0.8, 'pgd_top1_error': 0.9,
+                    'num_examples': 1000, 'fgsm_epsilon': 8 / 255, 'pgd_epsilon': 4 / 255,
+                    'pgd_step_size': 2 / 255, 'pgd_steps': 20, 'pgd_random_start': True}})
+    _write(os.path.join(directory, 'eval', 'calibration.json'), {
+        'kind': 'calibration', 'step': 1500,
+        'results': {'ece': 0.05, 'oe': 0.02, 'num_examples': 10000, 'bin_counts': [0] * 15}})
+    _write(os.path.join(directory, 'eval', claims_table.TIMING_FILE),
+           {'robustness': 150.0, 'calibration': 10.0})
+    result = subprocess.run(
+        [sys.executable, '-m', 'alignmix_jax.reproduce', f'--data_dir={tmp_path}',
+         f'--workdir={workdir}', '--protocol=cpu', '--methods=baseline', '--seeds=0'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == 'All 1 runs are trained and evaluated.'
+    assert '| method | seeds | test accuracy during training (not logged) | ' in result.stdout
+    assert '| baseline | 0 | - | ' in result.stdout
+    assert ('| 60.00 ± 0.00 | 20.00 ± 0.00 | 10.00 ± 0.00 | 5.00 ± 0.00 | 2.00 ± 0.00 | 15 min |'
+            in result.stdout)
+    assert (f'Command: `python -m alignmix_jax.reproduce --protocol=cpu --data_dir={tmp_path} '
+            f'--workdir={workdir} --methods=baseline --seeds=0`') in result.stdout
