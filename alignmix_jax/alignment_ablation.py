@@ -18,7 +18,6 @@ test accuracy (mean ± std, per seed), the mean over the run of `train/alignment
 `train/marginal_error` (read from the run's TensorBoard summaries) and the wall time.
 """
 
-import glob
 import json
 import os
 import statistics
@@ -72,16 +71,11 @@ def make_config(condition: str, *, backbone: str = 'preact_resnet18', data_dir: 
 def run_means(directory: str) -> dict:
     """The mean of each of FIGURES over the logged intervals of the run in `directory`
     (None where it logged none: alignment off)."""
-    import tensorflow as tf
-    values = {figure: [] for figure in FIGURES}
-    for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                figure = value.tag.removeprefix('train/')
-                if value.tag.startswith('train/') and figure in values:
-                    values[figure].append(float(tf.make_ndarray(value.tensor)))
-    return {figure: statistics.fmean(found) if found else None
-            for figure, found in values.items()}
+    from alignmix_jax import reproduction_runs
+    logged = reproduction_runs.logged_scalars(directory, [f'train/{figure}' for figure in FIGURES])
+    return {figure: (statistics.fmean(logged[f'train/{figure}'].values())
+                     if logged[f'train/{figure}'] else None)
+            for figure in FIGURES}
 
 
 def summarize(workdir: str, runs: dict) -> dict:

@@ -24,6 +24,15 @@ the public code's, behind two heads, and writes WORKDIR/ablation.md
 (`alignmix_jax.alignment_ablation`; `--methods` then names its conditions, e.g.
 `paper_bn_relu`).
 
+`--protocol=cpu` trains instead the claims set of configs/cpu_protocol.py (its `METHODS`, or
+`--methods`) on that protocol's budget (2,000 training images, 100 epochs), evaluates each
+run's final checkpoint for FGSM and PGD accuracy, ECE and OE, and writes one row a method to
+WORKDIR/results.md and results.json; it prints which runs remain and an estimate of their
+time at the start and after each run (`alignmix_jax.claims_table`):
+
+    python -m alignmix_jax.reproduce --protocol=cpu --data_dir=../shared/data/cifar10-jpeg \
+        --workdir=runs/cpu
+
 This is not the paper's protocol (2000 epochs on the full training set): it compares the
 methods on the same small budget, where the ranking may well differ from the paper's. The
 runs and the table are `alignmix_jax.reproduction_runs`; this module is the command.
@@ -46,6 +55,10 @@ flags.DEFINE_enum('ablation', None, ['alignment'],
                   'of the methods; --methods then names its conditions.')
 flags.DEFINE_string('backbone', 'preact_resnet18',
                     'The network of every run: a backbone of configs/backbones.py.')
+flags.DEFINE_enum('protocol', 'mini', ['mini', 'cpu'],
+                  "The runs' budget: 'mini', configs/mini_reproduction.py (the fast smoke run); "
+                  "'cpu', configs/cpu_protocol.py, each final checkpoint also evaluated for "
+                  'FGSM/PGD accuracy and calibration (the claims table).')
 
 
 def main(argv):
@@ -76,9 +89,16 @@ def main(argv):
     except ValueError:
         raise SystemExit(f'error: --seeds must be integers, got {",".join(FLAGS.seeds)}') from None
 
+    if FLAGS.protocol == 'cpu' and FLAGS.ablation is not None:
+        raise SystemExit('error: --ablation runs on the mini-reproduction budget; leave out '
+                         '--protocol=cpu (or --ablation)')
+
     os.makedirs(FLAGS.workdir, exist_ok=True)
     if FLAGS.ablation == 'alignment':
         _alignment_ablation(seeds)
+        return
+    if FLAGS.protocol == 'cpu':
+        _claims_table(seeds)
         return
 
     def make_config(method):
@@ -108,6 +128,29 @@ def _command(options: str, names) -> str:
     if FLAGS.backbone != 'preact_resnet18':
         command += f' --backbone={FLAGS.backbone}'
     return command
+
+
+def _claims_table(seeds):
+    """`--protocol=cpu`: the methods of configs/cpu_protocol.py (or --methods) on its budget,
+    trained and evaluated by alignmix_jax.claims_table."""
+    import jax
+
+    from alignmix_jax import claims_table, config_checks
+    from configs import cpu_protocol
+
+    def make_config(method):
+        config = cpu_protocol.get_config(f'{FLAGS.backbone},{method}')
+        config.dataset.data_dir = FLAGS.data_dir
+        return config
+
+    names = FLAGS.methods or list(cpu_protocol.METHODS)
+    with one_line_errors():
+        for name in names:  # every run's settings, before the first run trains
+            config_checks.validate(make_config(name), num_devices=jax.device_count())
+        claims_table.run_claims(make_config, names, seeds, FLAGS.workdir,
+                                command=_command(' --protocol=cpu', names))
+    with open(os.path.join(FLAGS.workdir, 'results.md')) as table_file:
+        print(table_file.read())
 
 
 def _alignment_ablation(seeds):

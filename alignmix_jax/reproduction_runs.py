@@ -8,6 +8,7 @@ after every run writes `WORKDIR/results.json` (every run and the summary) and
 accuracy, the best test accuracy seen during training beside it, and the wall time per run.
 """
 
+import glob
 import json
 import os
 import platform
@@ -23,15 +24,20 @@ def run_directory(workdir: str, method: str, seed: int) -> str:
 
 
 def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds: Sequence[int],
-            workdir: str, *, command: str = '', on_run_done: Callable | None = None) -> dict:
+            workdir: str, *, command: str = '', on_run_done: Callable | None = None,
+            datasets: dict | None = None, write_table: bool = True) -> dict:
     """Trains each (method, seed) not trained yet; returns the summary `write_results` wrote.
 
     `make_config(method)` gives the run's config (its seed is set here). Runs of methods whose
-    dataset configs are equal share one loaded dataset.
+    dataset configs are equal share one loaded dataset. `on_run_done(method, seed)` is called
+    after each run, trained now or before. `datasets`: the loaded datasets by
+    `config.dataset.to_json()`, filled here, for a caller that uses them too (the claims
+    table's evaluations). `write_table=False`: a caller writes its own WORKDIR/results.*.
     """
     from alignmix_jax import data, train
 
-    datasets = {}  # the dataset config, as a string -> the loaded dataset
+    if datasets is None:
+        datasets = {}  # the dataset config, as a string -> the loaded dataset
     runs = []
     for method in methods:
         for seed in seeds:
@@ -60,13 +66,27 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
             runs.append({'method': method, 'seed': seed, **result,
                          'modes': list(train.training_modes(config)),
                          'alpha': config.mixup.alpha})
-            summary = write_results(workdir, runs, command=command)
+            summary = (write_results(workdir, runs, command=command) if write_table
+                       else summarize(runs))
             if on_run_done is not None:
                 on_run_done(method, seed)
     return summary
 
 
-def _mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
+def logged_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the scalars `tags` in the TensorBoard summaries of the run in
+    `directory` (a step logged twice, as after a resume, keeps its last value)."""
+    import tensorflow as tf
+    values = {tag: {} for tag in tags}
+    for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag in values:
+                    values[value.tag][int(event.step)] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -81,8 +101,8 @@ def summarize(runs: Sequence[dict]) -> dict:
         final = [run['final_test_accuracy'] for run in method_runs]
         best = [run['best_test_accuracy'] for run in method_runs]
         walls = [run['wall_seconds'] for run in method_runs if 'wall_seconds' in run]
-        final_mean, final_std = _mean_and_spread(final)
-        best_mean, best_std = _mean_and_spread(best)
+        final_mean, final_std = mean_and_spread(final)
+        best_mean, best_std = mean_and_spread(best)
         summary[method] = {
             'seeds': [run['seed'] for run in method_runs],
             'final_test_accuracy': final, 'final_mean': final_mean, 'final_std': final_std,

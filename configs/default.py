@@ -210,7 +210,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.evals.robustness.pgd_step_size = 2 / 255
     config.evals.robustness.pgd_steps = 20
     config.evals.robustness.pgd_random_start = True
-    config.evals.robustness.num_examples = 0  # > 0: a fixed random subset of the test set
+    config.evals.robustness.num_examples = 0  # > 0: a fixed class-balanced subset of the test set
     config.evals.robustness.seed = 0  # PGD's random start
     config.evals.calibration = ml_collections.ConfigDict()
     config.evals.calibration.batch_size = 0

@@ -24,6 +24,10 @@ Beta(alpha, alpha)):
 - cutmix_every_batch: the same CutMix on every batch (what `cutmix` was before).
 - alignmix: the paper's method, the defaults of configs/default.py (the four modes of
   Algorithm 1, alpha = 2).
+- alignmix_unaligned: the paper's Table 8 'unaligned' row: AlignMix's four modes and alpha with
+  `mixup.align=False`, so the feature modes mix A and A' cell by cell without the transport
+  plan; what alignment adds is alignmix against this. The start-up check of inert alignment
+  measures nothing here (there is no alignment to be inert), so the run starts as it is.
 - alignmix_ae: AlignMixup/AE, the defaults plus the decoder and its 'clean' mode.
 - alignmix_cutmix (beyond the paper, the reproduction report's Section 4.1): each batch is a
   CutMix batch (alpha = 1) with probability 0.5, else one of AlignMix's four modes (alpha = 2).
@@ -58,6 +62,7 @@ METHODS = {
                'mixup.cutmix_alpha': 1.0},
     'cutmix_every_batch': {'mixup.modes': ('cutmix',), 'mixup.alpha': 1.0},
     'alignmix': {},
+    'alignmix_unaligned': {'mixup.align': False},
     'alignmix_ae': {'model.decoder': 'ae'},
     'alignmix_cutmix': {'mixup.cutmix_probability': 0.5, 'mixup.cutmix_alpha': 1.0},
     'alignmix_public': {'mixup.modes': ('input', 'input', 'feature', 'feature_prime'),

@@ -287,5 +287,6 @@ def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown method 'mixmix'; valid methods: baseline, input_mixup, manifold_mixup, "
-        'cutmix, cutmix_every_batch, alignmix, alignmix_ae, alignmix_cutmix, alignmix_public')
+        'cutmix, cutmix_every_batch, alignmix, alignmix_unaligned, alignmix_ae, alignmix_cutmix, '
+        'alignmix_public')
     assert not (tmp_path / 'runs').exists()

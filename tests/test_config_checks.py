@@ -13,6 +13,7 @@ from configs import (
     cifar10,
     cifar100,
     cifar100_ae,
+    cpu_protocol,
     cub_resnet50,
     cub_vgg,
     demo,
@@ -30,6 +31,7 @@ def shipped_configs():
                 demo.get_config('ae'), imagenet.get_config(), tiny_imagenet.get_config())
     for method in methods.METHODS:
         yield cifar10.get_config(method)
+        yield cpu_protocol.get_config(method)
         for backbone in backbones.BACKBONES:
             yield mini_reproduction.get_config(f'{backbone},{method}')
 
@@ -39,7 +41,7 @@ def test_every_shipped_config_is_valid():
     for config in shipped_configs():
         config_checks.validate(config, num_devices=1)
         count += 1
-    assert count == 9 + len(methods.METHODS) * (1 + len(backbones.BACKBONES))
+    assert count == 9 + len(methods.METHODS) * (2 + len(backbones.BACKBONES))
 
 
 # (field, bad value, the exact message).

@@ -32,18 +32,20 @@ def define_flags() -> None:
 
 
 def evaluate_workdir(kind: str, config: ml_collections.ConfigDict, workdir: str,
-                     step: int | None = None, *, initial: bool = False) -> tuple[dict, str]:
+                     step: int | None = None, *, initial: bool = False,
+                     dataset=None) -> tuple[dict, str]:
     """The command's work as a function: (the JSON record written, the printed table).
-    `initial`: the config's initial model instead of a checkpoint (step 'initial')."""
+    `initial`: the config's initial model instead of a checkpoint (step 'initial').
+    `dataset`: `config.dataset` already loaded (None: loaded here)."""
     from alignmix_jax import evaluation
 
     evaluator_class = evaluation.evaluator_class(kind)
     if initial:
         if step is not None:
             raise ValueError('--initial evaluates the initial model: leave out --step')
-        (context, variables), step = common.initial(config), 'initial'
+        (context, variables), step = common.initial(config, dataset), 'initial'
     else:
-        context, variables, step = common.load(config, workdir, step)
+        context, variables, step = common.load(config, workdir, step, dataset)
     options = config.evals[kind].to_dict() if kind in config.evals else {}
     evaluator = evaluator_class(context, **options)
     results = evaluator.run(variables)

@@ -83,9 +83,9 @@ class EvalContext:
                      ) -> Iterator[Batch]:
         """This process's padded, masked batches of the test split: every image once.
 
-        `num_examples` > 0 keeps a fixed random subset of that many test images (held in
-        memory datasets only: test splits are often ordered by class, so the first images
-        would not do).
+        `num_examples` > 0 keeps a fixed class-balanced random subset of that many test images
+        (`subset`; held in memory datasets only: test splits are often ordered by class, so
+        the first images would not do).
         """
         batch_size = batch_size or self.batch_size
         sharding.check_batch_size(batch_size, self.mesh, 'the evaluation batch size')
@@ -108,12 +108,13 @@ class EvalContext:
 
 
 def subset(split: data.Split, num_examples: int) -> data.Split:
-    """A fixed random subset of `num_examples` examples of `split`, in their original order."""
+    """A fixed class-balanced random subset of `num_examples` examples of `split` (class
+    counts differing by at most one, `data_common.class_balanced_indices`), in their original
+    order."""
     if not 0 < num_examples <= len(split.labels):
         raise ValueError(f'num_examples must be in [0, {len(split.labels)}] (the size of the '
                          f'test set), got {num_examples}')
-    order = np.random.default_rng(data_common.SUBSET_SEED).permutation(len(split.labels))
-    chosen = np.sort(order[:num_examples])
+    chosen = data_common.class_balanced_indices(split.labels, num_examples)
     return data.Split(images=split.images[chosen], labels=split.labels[chosen])
 
 
