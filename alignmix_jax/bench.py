@@ -360,8 +360,6 @@ def main(argv):
             config_checks.validate(config)  # before TensorFlow, the devices or the data
         if FLAGS.torch:
             bench_torch.import_torch()  # its error before JAX's and TensorFlow's imports
-        import tensorflow as tf
-        tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
 
         results = []
         for config in configs:
