@@ -12,7 +12,8 @@ Measures, on the devices JAX sees and with the config's model, batch size and mi
   initial model, and its share of the first feature mode's step (it runs inside that step);
 - the input pipeline: images per second from the dataset's batch iterator to arrays on the
   devices (the train step augments on the device; that cost is inside the step times);
-- per mode, images per second (batch / step seconds), the share of a feature step the
+- per mode, the milliseconds of its first step (compilation included: `first_step_ms`),
+  images per second (batch / step seconds), the share of a feature step the
   alignment of the batch would take (alignment ms / that step's ms) and the device's peak
   memory where the backend reports it (`memory_stats()['peak_bytes_in_use']`, GPUs; '-' on the
   CPU). JAX cannot reset that peak: each mode's figure is the running peak of the process read
@@ -87,12 +88,14 @@ def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int,
                                      after_warmup=None) -> dict:
     """Median ms of each of `runs` ({name: run}), timed in rounds that call each once, so
     that a slow drift of the machine (another process, heat) weighs on all of them alike.
-    `after_warmup(name)` is called once each run's warm-up is done, before the next one's."""
+    `after_warmup(name, first_ms)` is called once each run's warm-up is done, before the next
+    one's, with the ms of its first call (the compilation and one step)."""
     for name, run in runs.items():
-        for _ in range(warmup):
+        first_ms = _milliseconds(run)
+        for _ in range(warmup - 1):
             run()
         if after_warmup is not None:
-            after_warmup(name)
+            after_warmup(name, first_ms)
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -197,9 +200,10 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         runs = {name: run for mode in modes
                 for name, run in ((mode, runs[mode]), ('torch:' + mode, torch_runner(mode)))}
 
-    peak_bytes = {}
+    peak_bytes, first_call_ms = {}, {}
 
-    def record_peak(name):
+    def record_peak(name, first_ms):
+        first_call_ms[name] = first_ms
         if not name.startswith('torch:'):
             peak_bytes[name] = _peak_bytes(jax)
         elif settings['device'] == 'cuda':  # torch's own peak over its mode's warm-up
@@ -285,6 +289,8 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         'alignment_share': {mode: alignment_ms / ms for mode, ms in step_ms.items()
                             if mode in mixup.FEATURE_MODES},
         'peak_bytes': {mode: peak_bytes[mode] for mode in modes},
+        # The first step of each mode: its compilation (and one step), ours only.
+        'first_step_ms': {mode: first_call_ms[mode] for mode in modes},
     }
     if torch:
         result['torch'] = {
