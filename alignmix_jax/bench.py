@@ -168,6 +168,7 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         from alignmix_jax import torch_reference
         settings = bench_torch.torch_settings(bench_torch.torch_device(jax.default_backend()),
                                               config.model.dtype)
+        torch_module.backends.cudnn.benchmark = settings['cudnn_benchmark']
         initial = train_step.create_train_state(config, model, dataset.image_shape,
                                                 steps_per_epoch, mesh)
         variables = jax.device_get({'params': initial.params,
@@ -305,6 +306,7 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
                 # torch's float32 defaults, left as they are: TF32 in cuDNN's convolutions,
                 # full float32 in matmuls.
                 cudnn_allow_tf32=torch_module.backends.cudnn.allow_tf32,
+                cudnn_benchmark=torch_module.backends.cudnn.benchmark,
                 matmul_precision=torch_module.get_float32_matmul_precision())
             result['torch_peak_bytes'] = {mode: peak_bytes['torch:' + mode] for mode in modes}
         result['torch_step_ms'] = {mode: all_ms['torch:' + mode] for mode in modes}

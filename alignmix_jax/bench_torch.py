@@ -62,12 +62,13 @@ def torch_device(jax_platform: str) -> str:
 
 def torch_settings(device: str, dtype: str) -> dict:
     """How torch computes on `device` for our computation `dtype`: on CUDA, bfloat16 through
-    autocast (float32 parameters, optimizer and Sinkhorn, as ours) and channels-last tensors
-    (cuDNN's fast layout, as XLA's NHWC); on the CPU, float32 and torch's default layout, as
-    the CPU comparison has always run."""
+    autocast (float32 parameters, optimizer and Sinkhorn, as ours), channels-last tensors
+    (cuDNN's fast layout, as XLA's NHWC) and cuDNN's benchmark mode (it times the convolution
+    algorithms once per shape, as XLA autotunes its own); on the CPU, float32 and torch's
+    default layout, as the CPU comparison has always run."""
     on_cuda = device == 'cuda'
     return {'device': device, 'autocast_bfloat16': on_cuda and dtype == 'bfloat16',
-            'channels_last': on_cuda}
+            'channels_last': on_cuda, 'cudnn_benchmark': on_cuda}
 
 
 def make_torch_step(config, variables, num_classes: int, *, device: str = 'cpu',

@@ -116,19 +116,31 @@ def run_step(name: str, command: list[str], *, deadline: float, env: dict,
 
 
 ENVIRONMENT_PROBE = '''
-import importlib.metadata, json, sys
+import importlib, importlib.metadata, json, os, sys
 versions = {}
 for name in sys.argv[1:]:
     try:
         versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         pass
-import alignmix_jax, jax, ott.solvers.linear.sinkhorn, ml_collections
-print(json.dumps({'python': sys.version.split()[0], 'versions': versions,
-                  'jax_backend': jax.default_backend(),
-                  'devices': [str(device) for device in jax.devices()],
-                  'device_kinds': sorted({device.device_kind for device in jax.devices()}),
-                  'xla_flags': __import__('os').environ.get('XLA_FLAGS', '')}))
+# Each import the runs need, on its own: a failure names the module that broke.
+imports = {}
+for module in ('jax', 'flax.linen', 'optax', 'orbax.checkpoint', 'ott.solvers.linear.sinkhorn',
+               'ml_collections', 'tensorboard.compat.proto.event_pb2', 'PIL.Image',
+               'alignmix_jax.train', 'alignmix_jax.bench', 'torch'):
+    try:
+        importlib.import_module(module)
+        imports[module] = 'ok'
+    except Exception as error:
+        imports[module] = f'{type(error).__name__}: {error}'[:400]
+figures = {'python': sys.version.split()[0], 'versions': versions, 'imports': imports,
+           'xla_flags': os.environ.get('XLA_FLAGS', '')}
+if imports['jax'] == 'ok':
+    import jax
+    figures.update(jax_backend=jax.default_backend(),
+                   devices=[str(device) for device in jax.devices()],
+                   device_kinds=sorted({device.device_kind for device in jax.devices()}))
+print(json.dumps(figures))
 '''
 
 
@@ -276,9 +288,9 @@ def train_part(args):
 def targets(summary: dict) -> dict:
     """Each target of the check: the measured value, the bound and whether it is met."""
     checks = {}
-    small, large = (summary.get(f'bench_batch{batch}') for batch in summary['bench_batches'])
-    small_batch, large_batch = summary['bench_batches']
-    for name, bench in ((small_batch, small), (large_batch, large)):
+    small_batch, large_batch = summary['bench_batches'][0], summary['bench_batches'][-1]
+    small, large = (summary.get(f'bench_batch{batch}') for batch in (small_batch, large_batch))
+    for name, bench in dict(((small_batch, small), (large_batch, large))).items():
         for dtype, figures in (bench or {}).items():
             if name == small_batch:
                 value = figures['step_ms']['feature'] / figures['step_ms']['input']
@@ -310,9 +322,14 @@ def main():
     parser.add_argument('--out', default=os.environ.get('OUT', str(REPO_ROOT / 'gpu_check_out')))
     parser.add_argument('--tiny', action='store_true', help='the CPU rehearsal, tiny sizes')
     parser.add_argument('--budget_s', type=float, default=None,
-                        help='wall seconds for the whole check (default 500 on the GPU, the '
+                        help='wall seconds for the whole check (default 480 on the GPU, the '
                         'run call allowing 540; 3600 with --tiny, on a slow shared CPU)')
     parser.add_argument('--train_dtype', default='bfloat16', choices=('float32', 'bfloat16'))
+    # A follow-up call on a warm machine may rerun a part: e.g. --bench_batches=512
+    # --skip_training (the epochs are planned from the first batch's figures).
+    parser.add_argument('--bench_batches', type=lambda text: tuple(map(int, text.split(','))),
+                        help='batch sizes to bench, comma-separated (default 128,512)')
+    parser.add_argument('--skip_training', action='store_true')
     parser.add_argument('--archive', default=str(ARCHIVE))
     # --part=train runs the trainings (started by the check itself).
     parser.add_argument('--part', choices=('check', 'train'), default='check')
@@ -329,9 +346,11 @@ def main():
 
     started = time.monotonic()
     if args.budget_s is None:
-        args.budget_s = 3600.0 if args.tiny else 500.0
+        args.budget_s = 3600.0 if args.tiny else 480.0
     deadline = started + args.budget_s
     size = sizes(args.tiny)
+    if args.bench_batches:
+        size['bench_batches'] = args.bench_batches
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary(out / 'summary.json', {
@@ -367,7 +386,9 @@ def main():
         benches[batch] = bench_step(batch, data_dir, size, deadline, env, summary)
 
     small = benches[size['bench_batches'][0]]
-    if small is not None and args.train_dtype in small:
+    if args.skip_training:
+        pass
+    elif small is not None and args.train_dtype in small:
         plan = plan_epochs(small, args.train_dtype, counts['train'], size['train_batch'],
                            deadline - time.monotonic() - 15, size['max_epochs'])
         summary.add('training_plan', plan)
@@ -391,8 +412,12 @@ def main():
 def print_table(figures: dict):
     """The figures that matter, last in the log (the run call returns its tail)."""
     environment = figures.get('environment', {})
-    print(f'\n{environment.get("nvidia_smi", "")}\njax {environment.get("versions", {})}'
+    print(f'\n{environment.get("nvidia_smi", "")}\n{environment.get("versions", {})}'
           f'\n{environment.get("devices")}')
+    failed = {module: error for module, error in environment.get('imports', {}).items()
+              if error != 'ok'}
+    if failed:
+        print('imports that failed:', json.dumps(failed))
     for batch in figures['bench_batches']:
         for dtype, run in (figures.get(f'bench_batch{batch}') or {}).items():
             for mode, ms in run['step_ms'].items():

@@ -170,10 +170,12 @@ def test_torch_settings_and_the_gpu_style_step_on_the_cpu():
     from configs import demo
 
     assert bench_torch.torch_settings('cuda', 'bfloat16') == {
-        'device': 'cuda', 'autocast_bfloat16': True, 'channels_last': True}
+        'device': 'cuda', 'autocast_bfloat16': True, 'channels_last': True,
+        'cudnn_benchmark': True}
     assert bench_torch.torch_settings('cuda', 'float32')['autocast_bfloat16'] is False
     assert bench_torch.torch_settings('cpu', 'bfloat16') == {
-        'device': 'cpu', 'autocast_bfloat16': False, 'channels_last': False}
+        'device': 'cpu', 'autocast_bfloat16': False, 'channels_last': False,
+        'cudnn_benchmark': False}
     assert bench_torch.torch_device('cpu') == 'cpu'
 
     config = demo.get_config()

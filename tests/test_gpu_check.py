@@ -30,6 +30,8 @@ def test_the_tiny_check_runs_every_step(tiny_check):
     assert summary['tiny'] and summary['bench_batches'] == [8, 16]
     environment = summary['environment']
     assert environment['jax_backend'] == 'cpu'
+    # Every module the runs import, imported on its own (TensorFlow's absence is no failure).
+    assert set(environment['imports'].values()) == {'ok'}, environment['imports']
     assert {'jax', 'jaxlib', 'flax', 'ott-jax', 'ml-collections', 'torch'} \
         <= set(environment['versions'])
     assert summary['data']['images'] == {'train': 80, 'test': 40}
