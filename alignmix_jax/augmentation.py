@@ -10,7 +10,6 @@ device augmentation of a dataset whose own pipeline augments (ImageNet, CUB).
 
 from collections.abc import Sequence
 
-import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -147,6 +146,9 @@ def jitter_colours(images: jax.Array, *, brightness: jax.Array | None = None,
     - hue d: the HSV hue shifted by d turns of the colour wheel, (h + d) mod 1: pix.adjust_hue,
       which is torchvision's adjust_hue.
     """
+    # dm-pix only for the options that need it (off by default), so the rest needs none.
+    import dm_pix as pix
+
     def per_image(factor):
         return jnp.asarray(factor, images.dtype)[:, None, None, None]
 
@@ -176,6 +178,8 @@ def rotate_images(images: jax.Array, degrees: jax.Array) -> jax.Array:
     it, takes radians). Bilinear, with 0 (black) outside the image, as RandomRotation's default
     fill (whose default interpolation is nearest, though).
     """
+    import dm_pix as pix  # only for this option, as in jitter_colours
+
     # pix.rotate's mode='constant' gives cval wherever the source position is past the outer
     # pixel centres, so even a tiny rotation would blacken half of the border pixels. Inside a
     # 1-pixel frame of zeros, the edge fades out over that last pixel instead, as torchvision's

@@ -12,7 +12,8 @@ Measures, on the devices JAX sees and with the config's model, batch size and mi
   initial model, and its share of the first feature mode's step (it runs inside that step);
 - the input pipeline: images per second from the dataset's batch iterator to arrays on the
   devices (the train step augments on the device; that cost is inside the step times);
-- per mode, images per second (batch / step seconds), the share of a feature step the
+- per mode, the milliseconds of its first step (compilation included: `first_step_ms`),
+  images per second (batch / step seconds), the share of a feature step the
   alignment of the batch would take (alignment ms / that step's ms) and the device's peak
   memory where the backend reports it (`memory_stats()['peak_bytes_in_use']`, GPUs; '-' on the
   CPU). JAX cannot reset that peak: each mode's figure is the running peak of the process read
@@ -21,7 +22,10 @@ Measures, on the devices JAX sees and with the config's model, batch size and mi
 `--dtypes=float32,bfloat16` runs all of it once per computation dtype (config.model.dtype),
 in turn, and tabulates them side by side.
 
-`--torch` also times, in the same process, the same training step in PyTorch on the CPU: the
+`--torch` also times, in the same process, the same training step in PyTorch (on the GPU with
+CUDA where JAX runs on a GPU and torch sees one, there in bfloat16 through autocast for a
+bfloat16 config and with channels-last tensors, `bench_torch.torch_settings`; else on the CPU,
+in float32, as below; on the GPU torch's peak memory is reported too): the
 transcription of the public code in `alignmix_jax.torch_reference` (its PreActResNet18, its
 SGD, its Sinkhorn loop, the soft cross-entropy of the mixed labels), started from our initial
 weights, with the config's width, batch size, lr, momentum, weight decay, epsilon, Sinkhorn
@@ -36,8 +40,8 @@ as a DataLoader would hand it over), train/alignment_effect's measurement inside
 step (its share is printed) and the finite-state check. torch's Sinkhorn reads its stopping
 test back to the host at every iteration (`.item()`, as the public code does); its feature
 time includes those round trips. torch uses its default threads, one per core
-(`--torch_threads=N` sets another count; `torch.get_num_threads()` is printed); it always runs
-in float32.
+(`--torch_threads=N` sets another count; `torch.get_num_threads()` is printed); on the CPU it
+always runs in float32.
 
 Prints a table (per dtype), then one JSON object per dtype, one a line, the last line the last
 dtype's.
@@ -84,12 +88,14 @@ def _interleaved_median_milliseconds(runs: dict, *, warmup: int, repeats: int,
                                      after_warmup=None) -> dict:
     """Median ms of each of `runs` ({name: run}), timed in rounds that call each once, so
     that a slow drift of the machine (another process, heat) weighs on all of them alike.
-    `after_warmup(name)` is called once each run's warm-up is done, before the next one's."""
+    `after_warmup(name, first_ms)` is called once each run's warm-up is done, before the next
+    one's, with the ms of its first call (the compilation and one step)."""
     for name, run in runs.items():
-        for _ in range(warmup):
+        first_ms = _milliseconds(run)
+        for _ in range(warmup - 1):
             run()
         if after_warmup is not None:
-            after_warmup(name)
+            after_warmup(name, first_ms)
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -109,6 +115,7 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     """The figures described in the module docstring, as a dict (`torch`: with PyTorch's,
     on `torch_threads` threads if > 0, else torch's default)."""
     torch_overrides = None
+    settings = {'device': 'cpu'}  # torch's, with --torch (set below)
     if torch:
         torch_module = bench_torch.import_torch()
         if torch_threads > 0:
@@ -159,6 +166,9 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         # the same initial weights, one fixed permutation and lambda (the time depends on
         # neither, except through the Sinkhorn loop's stop, which both sides run alike).
         from alignmix_jax import torch_reference
+        settings = bench_torch.torch_settings(bench_torch.torch_device(jax.default_backend()),
+                                              config.model.dtype)
+        torch_module.backends.cudnn.benchmark = settings['cudnn_benchmark']
         initial = train_step.create_train_state(config, model, dataset.image_shape,
                                                 steps_per_epoch, mesh)
         variables = jax.device_get({'params': initial.params,
@@ -170,13 +180,19 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
             color_jitter=tuple(config.dataset.color_jitter),
             rotation_degrees=config.dataset.rotation_degrees),
             config.dataset.mean, config.dataset.std)
-        torch_batch = (torch_reference.to_torch_images(augmented),
-                       torch_module.from_numpy(host_labels.astype('int64')),
-                       torch_module.randperm(batch_size,
-                                             generator=torch_module.Generator().manual_seed(0)))
+        torch_images = torch_reference.to_torch_images(augmented).to(
+            settings['device'], memory_format=torch_module.channels_last
+            if settings['channels_last'] else torch_module.contiguous_format)
+        torch_batch = (torch_images,
+                       torch_module.from_numpy(host_labels.astype('int64')).to(settings['device']),
+                       torch_module.randperm(batch_size, generator=torch_module.Generator()
+                                             .manual_seed(0)).to(settings['device']))
 
         def torch_runner(mode):
-            torch_step = bench_torch.make_torch_step(config, variables, model.num_classes)
+            torch_step = bench_torch.make_torch_step(
+                config, variables, model.num_classes, device=settings['device'],
+                autocast_bfloat16=settings['autocast_bfloat16'],
+                channels_last=settings['channels_last'])
 
             def run_step():
                 last_metrics['torch:' + mode] = torch_step(*torch_batch, 0.5, mode)
@@ -185,10 +201,18 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         runs = {name: run for mode in modes
                 for name, run in ((mode, runs[mode]), ('torch:' + mode, torch_runner(mode)))}
 
-    peak_bytes = {}
-    all_ms = _interleaved_median_milliseconds(
-        runs, warmup=warmup, repeats=repeats,
-        after_warmup=lambda name: peak_bytes.setdefault(name, _peak_bytes(jax)))
+    peak_bytes, first_call_ms = {}, {}
+
+    def record_peak(name, first_ms):
+        first_call_ms[name] = first_ms
+        if not name.startswith('torch:'):
+            peak_bytes[name] = _peak_bytes(jax)
+        elif settings['device'] == 'cuda':  # torch's own peak over its mode's warm-up
+            peak_bytes[name] = int(torch_module.cuda.max_memory_allocated())
+            torch_module.cuda.reset_peak_memory_stats()
+
+    all_ms = _interleaved_median_milliseconds(runs, warmup=warmup, repeats=repeats,
+                                              after_warmup=record_peak)
     step_ms = {mode: all_ms[mode] for mode in modes}
     for name, ms in all_ms.items():
         logging.info('%s step: %.1f ms', name, ms)
@@ -266,12 +290,25 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         'alignment_share': {mode: alignment_ms / ms for mode, ms in step_ms.items()
                             if mode in mixup.FEATURE_MODES},
         'peak_bytes': {mode: peak_bytes[mode] for mode in modes},
+        # The first step of each mode: its compilation (and one step), ours only.
+        'first_step_ms': {mode: first_call_ms[mode] for mode in modes},
     }
     if torch:
         result['torch'] = {
             'version': torch_module.__version__, 'threads': torch_module.get_num_threads(),
-            'dtype': 'float32', 'overrides': torch_overrides,
+            'dtype': 'bfloat16 (autocast)' if settings['autocast_bfloat16'] else 'float32',
+            'device': settings['device'], 'channels_last': settings['channels_last'],
+            'overrides': torch_overrides,
         }
+        if settings['device'] == 'cuda':
+            result['torch'].update(
+                device_name=torch_module.cuda.get_device_name(),
+                # torch's float32 defaults, left as they are: TF32 in cuDNN's convolutions,
+                # full float32 in matmuls.
+                cudnn_allow_tf32=torch_module.backends.cudnn.allow_tf32,
+                cudnn_benchmark=torch_module.backends.cudnn.benchmark,
+                matmul_precision=torch_module.get_float32_matmul_precision())
+            result['torch_peak_bytes'] = {mode: peak_bytes['torch:' + mode] for mode in modes}
         result['torch_step_ms'] = {mode: all_ms['torch:' + mode] for mode in modes}
         result['ratio_to_torch'] = {mode: step_ms[mode] / result['torch_step_ms'][mode]
                                     for mode in modes}
@@ -360,8 +397,6 @@ def main(argv):
             config_checks.validate(config)  # before TensorFlow, the devices or the data
         if FLAGS.torch:
             bench_torch.import_torch()  # its error before JAX's and TensorFlow's imports
-        import tensorflow as tf
-        tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
 
         results = []
         for config in configs:

@@ -54,29 +54,66 @@ def torch_comparison_config(config):
     return compared, changed
 
 
-def make_torch_step(config, variables, num_classes: int):
-    """torch_reference's model and SGD, loaded with our Flax `variables` (the public head), and
-    `step(images, labels, permutation, lam, mode)` -> its train_step's result, with the
-    config's Sinkhorn settings."""
+def torch_device(jax_platform: str) -> str:
+    """Where torch runs beside us: 'cuda' when JAX runs on a GPU and torch sees one, else
+    'cpu'."""
+    torch = import_torch()
+    return 'cuda' if jax_platform == 'gpu' and torch.cuda.is_available() else 'cpu'
+
+
+def torch_settings(device: str, dtype: str) -> dict:
+    """How torch computes on `device` for our computation `dtype`: on CUDA, bfloat16 through
+    autocast (float32 parameters, optimizer and Sinkhorn, as ours), channels-last tensors
+    (cuDNN's fast layout, as XLA's NHWC) and cuDNN's benchmark mode (it times the convolution
+    algorithms once per shape, as XLA autotunes its own); on the CPU, float32 and torch's
+    default layout, as the CPU comparison has always run."""
+    on_cuda = device == 'cuda'
+    return {'device': device, 'autocast_bfloat16': on_cuda and dtype == 'bfloat16',
+            'channels_last': on_cuda, 'cudnn_benchmark': on_cuda}
+
+
+def make_torch_step(config, variables, num_classes: int, *, device: str = 'cpu',
+                    autocast_bfloat16: bool = False, channels_last: bool = False):
+    """torch_reference's model and SGD, loaded with our Flax `variables` (the public head), on
+    `device`, and `step(images, labels, permutation, lam, mode)` -> its train_step's result,
+    with the config's Sinkhorn settings, returning once the device has finished the step.
+
+    `autocast_bfloat16`: the step under `torch.autocast(dtype=bfloat16)` (the backward pass
+    and the SGD update too, which keep float32 parameters); `channels_last`: the model's
+    weights in that memory format (give it channels-last images too).
+    """
     from alignmix_jax import torch_reference
+    torch = import_torch()
     model = torch_reference.build_classifier(num_classes, config.model.width)
     torch_reference.load_flax_variables(model, variables)
+    model = model.to(device=device, memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
     train = config.train
+    # After the move: SGD's momentum buffers live where the parameters do.
     optimizer = torch_reference.make_optimizer(model, train.learning_rate, train.momentum,
                                                train.weight_decay)
     mixup = config.mixup
+    device_type = torch.device(device).type
 
     def step(images, labels, permutation, lam, mode):
-        return torch_reference.train_step(
-            model, optimizer, images, labels, permutation, lam, mode, epsilon=mixup.epsilon,
-            max_iters=mixup.sinkhorn_iters, threshold=mixup.sinkhorn_threshold)
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16,
+                            enabled=autocast_bfloat16):
+            result = torch_reference.train_step(
+                model, optimizer, images, labels, permutation, lam, mode, epsilon=mixup.epsilon,
+                max_iters=mixup.sinkhorn_iters, threshold=mixup.sinkhorn_threshold)
+        if device_type == 'cuda':
+            torch.cuda.synchronize()
+        return result
     return step
 
 
 def format_torch_table(result: dict) -> list[str]:
     """The side-by-side lines of a `benchmark(..., torch=True)` result."""
     about = result['torch']
-    lines = ['', f'the same step in PyTorch {about["version"]} on the CPU ({about["dtype"]}, '
+    where = ('the CPU' if about.get('device', 'cpu') == 'cpu'
+             else f'{about["device"]} ({about.get("device_name", "?")})')
+    lines = ['', f'the same step in PyTorch {about["version"]} on {where} ({about["dtype"]}'
+             f'{", channels-last" if about.get("channels_last") else ""}, '
              f'torch.get_num_threads() = {about["threads"]}), interleaved with ours',
              f'{"mode":<12}{"ours ms":>10}{"torch ms":>10}{"ours/torch":>12}'
              f'{"Sinkhorn its (ours, torch)":>28}']

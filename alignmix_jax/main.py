@@ -32,17 +32,15 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logging.get_absl_handler().addFilter(hide_library_info)
     with one_line_errors():
-        # The settings first, before TensorFlow, the devices or the data are touched.
+        # The settings first, before the devices or the data are touched.
         # No JAX or TensorFlow yet: a bad setting is reported within a second.
         from alignmix_jax import config_checks, data
         config_checks.validate(FLAGS.config)
         train_size = data.known_train_size(FLAGS.config.dataset)
         if train_size is not None:
             config_checks.check_training_set(FLAGS.config, train_size)
-        # TensorFlow only reads data here; keep it off the accelerators JAX uses.
-        import tensorflow as tf
-        tf.config.set_visible_devices([], 'GPU')
-
+        # TensorFlow, where a dataset needs it, is imported by that dataset's loader
+        # (data.common.import_tensorflow: kept off the accelerators JAX uses).
         import jax
 
         from alignmix_jax import sharding, train

@@ -65,8 +65,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logging.get_absl_handler().addFilter(hide_library_info)
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')  # TensorFlow only reads data
     import jax
 
     from configs import backbones, mini_reproduction

@@ -143,8 +143,8 @@ def sinkhorn_plan(x, y, *, epsilon: float = 0.1, max_iters: int = 100,
     torch = _torch()
     cost = ((x.unsqueeze(-2) - y.unsqueeze(-3)).abs() ** 2).sum(-1)
     num_x, num_y = x.shape[-2], y.shape[-2]
-    log_mu = torch.log(torch.full(x.shape[:-1], 1.0 / num_x) + 1e-8)
-    log_nu = torch.log(torch.full(y.shape[:-1], 1.0 / num_y) + 1e-8)
+    log_mu = torch.log(torch.full(x.shape[:-1], 1.0 / num_x, device=x.device) + 1e-8)
+    log_nu = torch.log(torch.full(y.shape[:-1], 1.0 / num_y, device=y.device) + 1e-8)
     u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
 
     def exponent(u, v):
@@ -172,8 +172,9 @@ def _mixed_logits(model, images, permutation, lam: float, mode: str, sinkhorn_op
     batch, channels, height, width = features.shape
     anchor = features.reshape(batch, channels, height * width)  # A, (b, c, r)
     partner = anchor[permutation]  # A'
-    plan, iterations = sinkhorn_plan(anchor.transpose(1, 2), partner.transpose(1, 2),
-                                     **sinkhorn_options)
+    # In float32 also under bfloat16 autocast, as this project's alignment always is.
+    plan, iterations = sinkhorn_plan(anchor.transpose(1, 2).float(),
+                                     partner.transpose(1, 2).float(), **sinkhorn_options)
     assignment = (plan * (height * width)).detach()  # R = r P, no gradient through it
     if mode == 'feature':
         # A~ = A' R^T: position i of A receives sum_j R_ij a'_j.

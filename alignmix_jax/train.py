@@ -1,8 +1,9 @@
 """AlignMix training and evaluation, from one CPU to many hosts.
 
 `train_and_evaluate(config, workdir)` trains a classifier with the mixup modes of Algorithm 1,
-evaluates it on the whole test split periodically, writes metrics to TensorBoard and the
-console, checkpoints to `workdir/checkpoints`, and resumes from the latest checkpoint there.
+evaluates it on the whole test split periodically, writes metrics to the console,
+`workdir/metrics.jsonl` and TensorBoard (`alignmix_jax.metric_log`), checkpoints to
+`workdir/checkpoints`, and resumes from the latest checkpoint there.
 
 The step itself (the state, the optimizer, the forward pass of each mode, the data-parallel
 step, the frozen parameter groups) is `alignmix_jax.train_step`; this module is the loop around
@@ -27,7 +28,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from alignmix_jax import (
     augmentation,
@@ -37,6 +37,7 @@ from alignmix_jax import (
     divergence,
     evaluation,
     inert_alignment,
+    metric_log,
     mixup,
     sharding,
     workdir_lock,
@@ -171,13 +172,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
     start_step = int(state.step)
 
-    # Only process 0 logs and writes TensorBoard summaries; the others write nowhere.
-    writer = (metric_writers.create_default_writer(workdir) if jax.process_index() == 0
-              else metric_writers.MultiWriter([]))
+    # Only process 0 logs and writes metrics (console, metrics.jsonl, TensorBoard).
+    writer = metric_log.open_writer(workdir, start_step, jax.process_index())
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=train_config.log_every_steps)
+    report_progress = metric_log.ProgressReport(writer, total_steps=total_steps,
+                                                every_steps=train_config.log_every_steps)
 
     compiled_train_step = make_train_step(model, config, mesh,
                                           device_augmentation=dataset.device_augmentation)
@@ -270,7 +270,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     finally:
         # A save in flight completes even when the loop stops on an error or Ctrl-C.
         manager.wait_until_finished()
-    writer.flush()
+        writer.close()
 
     if start_step >= total_steps:  # nothing left to train: report the checkpoint as it is
         test_metrics = test_evaluator.run({'params': state.params,

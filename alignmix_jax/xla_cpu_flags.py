@@ -14,10 +14,13 @@ figures against PyTorch). Results change only by floating-point reassociation.
 
 XLA reads XLA_FLAGS once, when JAX starts its CPU backend (the first computation), so this
 must run before that: `alignmix_jax/__init__.py` runs it on import. Left alone: an XLA_FLAGS
-that already sets the option (the user's choice wins), and a jaxlib outside 0.10.x, whose
-XLA may not know the option (XLA stops at an unknown flag). GPU backends ignore CPU options.
+that already sets the option (the user's choice wins); a jaxlib outside 0.10.x, whose XLA may
+not know the option (XLA stops at an unknown flag: jax 0.11 must start as it is); and any
+environment with an accelerator plugin of JAX installed (`jax_plugins.*`: CUDA, ROCm, TPU),
+whose own copy of XLA reads XLA_FLAGS too, and whose runs do not train on the CPU anyway.
 """
 
+import importlib.util
 import os
 
 YNN_FUSION_OPTION = '--xla_cpu_experimental_ynn_fusion_type'
@@ -27,10 +30,24 @@ YNN_FUSION_CHANGES = '-individual_convolution,+eltwise'
 MEASURED_JAXLIB = '0.10.'
 
 
-def set_xla_cpu_flags(environ=os.environ) -> bool:
-    """Adds the YNNPACK fusion changes to `environ['XLA_FLAGS']`; True if it did."""
+def accelerator_plugins() -> list[str]:
+    """The names of the installed JAX accelerator plugins (`jax_plugins.xla_cuda13`, ...),
+    found without importing them (or JAX)."""
+    spec = importlib.util.find_spec('jax_plugins')
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(name for location in spec.submodule_search_locations
+                  if os.path.isdir(location) for name in os.listdir(location)
+                  if not name.startswith(('_', '.')))
+
+
+def set_xla_cpu_flags(environ=os.environ, plugins: list[str] | None = None) -> bool:
+    """Adds the YNNPACK fusion changes to `environ['XLA_FLAGS']`; True if it did.
+    `plugins`: the accelerator plugins installed (None: `accelerator_plugins()`)."""
     flags = environ.get('XLA_FLAGS', '')
     if YNN_FUSION_OPTION in flags:
+        return False
+    if accelerator_plugins() if plugins is None else plugins:
         return False
     try:
         from jaxlib import version  # a few ms; does not start JAX

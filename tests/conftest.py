@@ -74,3 +74,20 @@ def fit_one_batch(step_fn, config, model, images, labels, mesh, mode: str, updat
 @pytest.fixture
 def tiny_config():
     return make_tiny_config()
+
+
+# What the GPU machine lacks and no code path for in-memory data may import (ott-jax and
+# ml-collections travel there as wheels: launch/gpu_wheels.sh).
+MISSING_ON_GPU_MACHINE = ('tensorflow', 'tensorflow_datasets', 'clu', 'dm_pix')
+
+
+def environment_without(folder: pathlib.Path, modules=MISSING_ON_GPU_MACHINE) -> dict:
+    """os.environ for a subprocess in which importing each of `modules` fails: a package of
+    that name whose import raises ImportError, in `folder`, first on PYTHONPATH."""
+    for name in modules:
+        package = folder / name
+        package.mkdir(parents=True, exist_ok=True)
+        (package / '__init__.py').write_text(
+            f'raise ImportError("{name} is not installed here (blocked by the test)")\n')
+    python_path = os.pathsep.join([str(folder), str(REPO_ROOT)])
+    return dict(os.environ, PYTHONPATH=python_path, TF_CPP_MIN_LOG_LEVEL='3')

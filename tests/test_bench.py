@@ -158,3 +158,42 @@ def test_timed_torch_step_computes_our_loss(mode):
     np.testing.assert_allclose(float(metrics['loss']), expected['loss'], rtol=1e-5)
     if mode == 'feature':
         assert float(metrics['sinkhorn_iterations']) == expected['iterations']
+
+
+def test_torch_settings_and_the_gpu_style_step_on_the_cpu():
+    """The step --torch times on a GPU (bfloat16 autocast, channels-last, float32 Sinkhorn),
+    run here on the CPU: the loss of the float32 step to bfloat16 precision, the same
+    Sinkhorn iterations."""
+    torch = pytest.importorskip('torch', reason='the torch side of the benchmark')
+    from alignmix_jax import bench_torch, torch_reference
+    from alignmix_jax.models import build_model
+    from configs import demo
+
+    assert bench_torch.torch_settings('cuda', 'bfloat16') == {
+        'device': 'cuda', 'autocast_bfloat16': True, 'channels_last': True,
+        'cudnn_benchmark': True}
+    assert bench_torch.torch_settings('cuda', 'float32')['autocast_bfloat16'] is False
+    assert bench_torch.torch_settings('cpu', 'bfloat16') == {
+        'device': 'cpu', 'autocast_bfloat16': False, 'channels_last': False,
+        'cudnn_benchmark': False}
+    assert bench_torch.torch_device('cpu') == 'cpu'
+
+    config = demo.get_config()
+    config.model.width = 0.0625
+    config, _ = bench_torch.torch_comparison_config(config)
+    model = build_model(config.model, 10)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    rng = np.random.default_rng(0)
+    images = torch_reference.to_torch_images(rng.normal(size=(8, 32, 32, 3)))
+    labels = torch.from_numpy(rng.integers(0, 10, 8))
+    permutation = torch.from_numpy(rng.permutation(8))
+    losses, iterations = {}, {}
+    for gpu_style in (False, True):
+        step = bench_torch.make_torch_step(config, jax.device_get(variables), 10,
+                                           autocast_bfloat16=gpu_style, channels_last=gpu_style)
+        batch = images.to(memory_format=torch.channels_last) if gpu_style else images
+        result = step(batch, labels, permutation, 0.3, 'feature')
+        losses[gpu_style], iterations[gpu_style] = result['loss'], result['iterations']
+    assert losses[True] == pytest.approx(losses[False], rel=3e-2)
+    assert losses[True] != losses[False]  # bfloat16 arithmetic did run
+    assert iterations[True] == iterations[False]

@@ -30,6 +30,26 @@ def test_a_users_own_setting_of_the_option_is_kept():
     assert environ['XLA_FLAGS'] == f'{OPTION}=+individual_convolution'
 
 
+def test_an_accelerator_plugin_or_another_jaxlib_leaves_the_flags_alone(tmp_path, monkeypatch):
+    # A CUDA plugin carries its own XLA, which reads XLA_FLAGS too: nothing is added.
+    environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+    assert not xla_cpu_flags.set_xla_cpu_flags(environ, plugins=['xla_cuda13'])
+    assert environ == {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+    # The plugins are found as the folders of the jax_plugins namespace package.
+    assert xla_cpu_flags.accelerator_plugins() == []
+    (tmp_path / 'jax_plugins' / 'xla_cuda13').mkdir(parents=True)
+    (tmp_path / 'jax_plugins' / 'xla_cuda13' / '__init__.py').write_text('')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert xla_cpu_flags.accelerator_plugins() == ['xla_cuda13']
+    environ = {}
+    assert not xla_cpu_flags.set_xla_cpu_flags(environ)
+    assert environ == {}
+    # jaxlib 0.11's XLA may not know the option: it is not added there.
+    monkeypatch.setattr('jaxlib.version.__version__', '0.11.2')
+    assert not xla_cpu_flags.set_xla_cpu_flags(environ, plugins=[])
+    assert environ == {}
+
+
 def convolutions(compiled_text: str) -> tuple[int, int]:
     """(convolutions in the optimised HLO, those of them inside a YNNPACK fusion)."""
     bodies = dict(re.findall(r'\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}', compiled_text, re.S))

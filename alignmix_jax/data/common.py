@@ -1,5 +1,5 @@
 """What every dataset shares: the split and dataset types and their errors, batching on the host,
-class-balanced subsets, image decoding and class-folder listing, the quiet TensorFlow import.
+class-balanced subsets, image decoding (PIL) and class-folder listing, the quiet TensorFlow import.
 
 - `train_batches` cuts training batches on the host from a permutation per epoch,
   `np.random.default_rng([seed, epoch]).permutation(n)`, dropping the incomplete last batch.
@@ -11,10 +11,14 @@ class-balanced subsets, image decoding and class-folder listing, the quiet Tenso
 
 A dataset says whether the train step augments its batches on the device
 (`device_augmentation`: the in-memory datasets) or its own pipeline already did (ImageNet,
-CUB). TensorFlow is imported only when a dataset is read, quietly and with no GPU visible to it.
+CUB). TensorFlow is imported only when a dataset read through tf.data or tfds is read (tfds
+CIFAR, ImageNet, CUB, folders on gs://...), quietly and with no GPU visible to it; the demo and
+local image folders are decoded with PIL and need no TensorFlow.
 """
 
+import concurrent.futures
 import dataclasses
+import io
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -192,13 +196,27 @@ def eval_batches(split: Split, batch_size: int, *, process_index: int = 0,
         yield pad_batch(split.images[start:stop], split.labels[start:stop], local_size)
 
 
+# What the datasets read through tf.data (tfds CIFAR, ImageNet, CUB, gs:// folders) need.
+TENSORFLOW_PIN = 'pip install tensorflow-cpu==2.21.0 tensorflow-datasets==4.9.10'
+
+
 def import_tensorflow():
-    """TensorFlow for reading data only: quiet, and with no GPU (that memory is JAX's)."""
+    """TensorFlow for reading data only: quiet, and with no GPU (that memory is JAX's).
+
+    Only the datasets streamed or prepared through tf.data and tfds call it; without
+    TensorFlow they stop with a `DatasetError` saying how to install it, and the others
+    (the demo, local image folders) train as usual.
+    """
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     # Silences the oneDNN banner printed on import; oneDNN only speeds up TF's own math, and
     # TF does none here beyond decoding images.
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as error:
+        raise DatasetError(f'this dataset is read with TensorFlow (tf.data, tfds), which cannot '
+                           f'be imported ({short_reason(error)}): {TENSORFLOW_PIN}; the demo and '
+                           f'local image folders need no TensorFlow') from None
 
     try:
         tf.config.set_visible_devices([], 'GPU')
@@ -229,83 +247,94 @@ def decode_image(tf, data):
         lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
 
 
-def decode_images(encoded_or_paths: Sequence[bytes] | Sequence[str], names: Sequence[str],
-                   where: str, *, from_files: bool) -> np.ndarray:
-    """Decodes encoded images (JPEG, PNG, ...), or the image files at the given paths, into one
-    uint8 (n, h, w, 3) array with tf.data. All must have the size of the first; `names` name
-    them in error messages.
-    """
-    tf = import_tensorflow()
+def _decode_with_pil(source: bytes | str, *, from_file: bool) -> np.ndarray:
+    """One image file's (or encoded image's) pixels as uint8 RGB (h, w, 3), read by PIL.
 
-    # Plain graph code: no Python control flow for autograph to convert.
-    @tf.autograph.experimental.do_not_convert
-    def decode(source):
-        return decode_image(tf, tf.io.read_file(source) if from_files else source)
+    PIL decodes JPEG with libjpeg's accurate integer DCT and fancy upsampling, as TensorFlow's
+    `decode_jpeg(dct_method='INTEGER_ACCURATE')` does (`decode_image` above): the same pixels,
+    to the last bit (tests/test_tensorflow_free.py checks it on the shared CIFAR-10 JPEGs and the
+    demo's images). Greyscale and palette images are expanded to RGB and an alpha channel is
+    dropped, as `channels=3` does; an animation gives its first frame.
+    """
+    from PIL import Image
+
+    with Image.open(source if from_file else io.BytesIO(source)) as image:
+        return np.asarray(image.convert('RGB'))
+
+
+def decode_images(encoded_or_paths: Sequence[bytes] | Sequence[str], names: Sequence[str],
+                  where: str, *, from_files: bool) -> np.ndarray:
+    """Decodes encoded images (JPEG, PNG, ...), or the image files at the given paths, into one
+    uint8 (n, h, w, 3) array, with PIL on a pool of threads (its decoders release the GIL).
+    All must have the size of the first; `names` name them in error messages.
+
+    PIL rather than tf.data: the in-memory datasets then need no TensorFlow at all (the machine
+    that trains may have none), with the pixels TensorFlow gave (`_decode_with_pil`).
+    """
+    from PIL import UnidentifiedImageError
+
+    def decode(index):
+        try:
+            return _decode_with_pil(encoded_or_paths[index], from_file=from_files)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            return error  # named below, with how many others failed
 
     try:
-        expected_shape = tuple(decode(tf.constant(encoded_or_paths[0])).shape)
-    except tf.errors.OpError as error:
+        first = _decode_with_pil(encoded_or_paths[0], from_file=from_files)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise DatasetError(f'{names[0]} could not be read as an image '
                            f'({short_reason(error)})') from error
-
-    @tf.autograph.experimental.do_not_convert
-    def decode_to_expected_shape(index, source):
-        image = decode(source)
-        shape = tf.shape(image)
-        # A differently sized image would break batching with an obscure error: put zeros in
-        # its place, and report it by name below.
-        fits = tf.reduce_all(tf.equal(shape, expected_shape))
-        image = tf.cond(fits, lambda: image, lambda: tf.zeros(expected_shape, tf.uint8))
-        return index, tf.ensure_shape(image, expected_shape), shape
-
-    sources = tf.data.Dataset.from_tensor_slices(list(encoded_or_paths))
-    decoded = (tf.data.Dataset.zip(tf.data.Dataset.range(len(names)), sources)
-               .map(decode_to_expected_shape, num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=True)
-               # Broken files are dropped here and named below from the missing indices, as
-               # TF's own error would not say which file it was.
-               .ignore_errors()
-               .batch(4096))
-    index_batches, image_batches, shape_batches = [], [], []
-    for indices, images, shapes in decoded.as_numpy_iterator():
-        index_batches.append(indices)
-        image_batches.append(images)
-        shape_batches.append(shapes)
-    missing = np.setdiff1d(np.arange(len(names)), np.concatenate(index_batches))
-    if len(missing):
-        raise DatasetError(f'{names[missing[0]]} could not be read as an image (not a decodable '
-                           f'image file); {len(missing)} of the {len(names)} images of {where} '
+    expected_shape = first.shape
+    images = np.empty((len(names), *expected_shape), np.uint8)
+    images[0] = first
+    broken, misfits = [], []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        for index, image in enumerate(pool.map(decode, range(1, len(names))), start=1):
+            if isinstance(image, Exception):
+                broken.append(index)
+            elif image.shape != expected_shape:
+                misfits.append((index, image.shape))
+            else:
+                images[index] = image
+    if broken:
+        raise DatasetError(f'{names[broken[0]]} could not be read as an image (not a decodable '
+                           f'image file); {len(broken)} of the {len(names)} images of {where} '
                            'could not')
-    shapes = np.concatenate(shape_batches)
-    misfits = np.flatnonzero(np.any(shapes != expected_shape, axis=1))
-    if len(misfits):
-        height, width, _ = shapes[misfits[0]]
+    if misfits:
+        index, (height, width, _) = misfits[0]
         raise DatasetError(
-            f'{names[misfits[0]]} is {height}x{width} but {names[0]} is '
+            f'{names[index]} is {height}x{width} but {names[0]} is '
             f'{expected_shape[0]}x{expected_shape[1]}: all images of {where} must have the same '
             f'size ({len(misfits)} differ)')
-    return np.concatenate(image_batches)
+    return images
+
+
+class _local_gfile:  # noqa: N801  (stands in for the module tf.io.gfile)
+    """The two tf.io.gfile functions `list_class_folders` uses, for local paths, with `os`."""
+
+    isdir = staticmethod(os.path.isdir)
+    listdir = staticmethod(os.listdir)
 
 
 def list_class_folders(split_dir: str, kind: str, *, missing: str,
                        empty: str) -> dict[str, list[str]]:
     """Sorted image paths of each class folder of a split, by sorted class name.
 
-    Local paths or any filesystem tf.io.gfile knows (gs://...); names only, no stat per file
-    (ImageNet's train split holds 1.28 million). `missing` and `empty` end the errors for a
-    split folder that does not exist or holds no class folders (what to pass instead);
-    `kind` names the dataset in them.
+    Local paths (listed with `os`, no TensorFlow) or any filesystem tf.io.gfile knows
+    (gs://...); names only, no stat per file (ImageNet's train split holds 1.28 million).
+    `missing` and `empty` end the errors for a split folder that does not exist or holds no
+    class folders (what to pass instead); `kind` names the dataset in them.
     """
-    tf = import_tensorflow()
-    if not tf.io.gfile.isdir(split_dir):
+    gfile = _local_gfile if '://' not in split_dir else import_tensorflow().io.gfile
+    if not gfile.isdir(split_dir):
         raise DatasetNotFoundError(f'{kind} split {split_dir} does not exist: {missing}')
     files_by_class = {}
-    for entry in sorted(tf.io.gfile.listdir(split_dir)):
+    for entry in sorted(gfile.listdir(split_dir)):
         class_name = entry.rstrip('/')
         class_dir = os.path.join(split_dir, class_name)
-        if class_name.startswith('.') or not tf.io.gfile.isdir(class_dir):
+        if class_name.startswith('.') or not gfile.isdir(class_dir):
             continue
-        files = sorted(os.path.join(class_dir, name) for name in tf.io.gfile.listdir(class_dir)
+        files = sorted(os.path.join(class_dir, name) for name in gfile.listdir(class_dir)
                        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith('.'))
         if not files:
             raise DatasetNotFoundError(f'class folder {class_dir} holds no images '

@@ -1,9 +1,9 @@
 """The datasets held in memory: CIFAR from tfds, image folders and the embedded demo subset.
 
 These fit in host memory (CIFAR: 50,000 x 32x32x3 uint8 images are 150 MB). A dataset is read
-and decoded once, with tf.data/tfds, into uint8 numpy arrays (`common.Split`,
-`common.Dataset`); the train step augments its batches on the device
-(`alignmix_jax.augmentation`).
+and decoded once into uint8 numpy arrays (`common.Split`, `common.Dataset`): CIFAR with tfds
+(TensorFlow), image folders and the demo with PIL (no TensorFlow needed); the train step
+augments its batches on the device (`alignmix_jax.augmentation`).
 
 Datasets (`config.dataset.name`):
 - 'cifar10', 'cifar100': tfds, prepared in `data_dir` (downloaded there if `download` is set).

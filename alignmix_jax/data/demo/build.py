@@ -51,11 +51,13 @@ def write_reproducible_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) ->
                                           allow_pickle=False)
 
 
-def build(source: pathlib.Path, output: pathlib.Path) -> None:
+def build(source: pathlib.Path, output: pathlib.Path,
+          images_per_class: dict[str, int] = IMAGES_PER_CLASS) -> None:
+    """`images_per_class`: {'train': n, 'test': m}, the first n (m) images of each class."""
     class_names = sorted(path.name for path in (source / 'train').iterdir() if path.is_dir())
     arrays = {'class_names': np.asarray(class_names)}
-    for split, images_per_class in IMAGES_PER_CLASS.items():
-        split_arrays = collect_split(source / split, class_names, images_per_class)
+    for split, count in images_per_class.items():
+        split_arrays = collect_split(source / split, class_names, count)
         arrays.update({f'{split}_{name}': array for name, array in split_arrays.items()})
     write_reproducible_npz(output, arrays)
 
@@ -65,8 +67,12 @@ def main():
     parser.add_argument('--source', type=pathlib.Path, required=True,
                         help='CIFAR-10 as SOURCE/{train,test}/<class>/*.jpg')
     parser.add_argument('--output', type=pathlib.Path, default=in_memory.DEMO_DATA_PATH)
+    # Other sizes make the same archive for other uses (launch/gpu_check.py carries one).
+    parser.add_argument('--train_per_class', type=int, default=IMAGES_PER_CLASS['train'])
+    parser.add_argument('--test_per_class', type=int, default=IMAGES_PER_CLASS['test'])
     args = parser.parse_args()
-    build(args.source, args.output)
+    build(args.source, args.output,
+          {'train': args.train_per_class, 'test': args.test_per_class})
     print(f'wrote {args.output} ({args.output.stat().st_size / 2**20:.2f} MiB)')
 
 
