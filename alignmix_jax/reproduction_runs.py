@@ -8,7 +8,6 @@ after every run writes `WORKDIR/results.json` (every run and the summary) and
 accuracy, the best test accuracy seen during training beside it, and the wall time per run.
 """
 
-import glob
 import json
 import os
 import platform
@@ -74,15 +73,15 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
 
 
 def logged_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the scalars `tags` in the TensorBoard summaries of the run in
-    `directory` (a step logged twice, as after a resume, keeps its last value)."""
-    import tensorflow as tf
+    """{tag: {step: value}} of the scalars `tags` the run in `directory` logged to its
+    metrics.jsonl (`metric_log`; a step logged twice, as after a resume, keeps its last
+    value). Needs no TensorFlow, unlike reading the TensorBoard event files."""
+    from alignmix_jax import metric_log
     values = {tag: {} for tag in tags}
-    for path in sorted(glob.glob(os.path.join(directory, 'events.out.tfevents.*'))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag in values:
-                    values[value.tag][int(event.step)] = float(tf.make_ndarray(value.tensor))
+    for record in metric_log.read_metrics(directory):
+        for tag in tags:
+            if tag in record:
+                values[tag][int(record['step'])] = float(record[tag])
     return values
 
 
