@@ -3,7 +3,9 @@
     app.run(main, flags_parser=parse_flags)      a bad config override is one clear line
     logging.get_absl_handler().addFilter(hide_library_info)
     with one_line_errors():                      a mistake in the settings or the data is
-        ...                                      `error: ...` and exit status 1
+        ...                                      `error: ...` and exit status 1; a run
+                                                 stopped by a signal after saving, one line
+                                                 and preemption.EXIT_CODE
 """
 
 import collections
@@ -116,6 +118,10 @@ def one_line_errors():
     try:
         yield
     except Exception as error:
+        preempted = getattr(sys.modules.get('alignmix_jax.preemption'), 'Preempted', ())
+        if preempted and isinstance(error, preempted):  # saved; the same command resumes
+            print(error, file=sys.stderr)
+            raise SystemExit(error.exit_code) from None
         if not isinstance(error, _user_errors()):
             raise
         logging.debug('the error above, with its traceback', exc_info=True)

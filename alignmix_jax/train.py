@@ -18,6 +18,7 @@ stops the run before it saves, so no non-finite state is ever written and the ro
 (`keep_checkpoints`) deletes nothing: the newest checkpoint is the last finite one.
 """
 
+import contextlib
 import itertools
 import os
 import time
@@ -38,6 +39,7 @@ from alignmix_jax import (
     evaluation,
     inert_alignment,
     mixup,
+    preemption,
     sharding,
     workdir_lock,
 )
@@ -219,7 +221,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         logging.info('The checkpoint is at the last step (%d); evaluating it.', start_step)
     start_time = time.time()
-    try:
+    # SIGTERM or SIGINT: the step in progress ends the run, saved (alignmix_jax/preemption.py).
+    with preemption.StopOnSignal() as stop, _wait_for_saves(manager):
         for step in range(start_step + 1, total_steps + 1):
             images, labels = next(batches)
             # timm's probability and off_epoch may turn the drawn mode into 'none'; `step` is
@@ -233,8 +236,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             report_progress(step)
 
             is_last = step == total_steps
+            stopping = not is_last and stop.requested(step, manager)
             should_eval = step % eval_every_steps == 0 or is_last
-            should_save = step % train_config.checkpoint_every_steps == 0 or should_eval
+            should_save = (step % train_config.checkpoint_every_steps == 0 or should_eval
+                           or stopping)
             # Every save is preceded by a check of every step up to it.
             if step % train_config.log_every_steps == 0 or should_save:
                 summary, found = buffer.flush(step, float(schedule(step - 1)), detector)
@@ -267,9 +272,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              100 * progress['best_test_accuracy'], progress['best_epoch'])
             if should_save:
                 checkpointing.save(manager, step, state, progress)
-    finally:
-        # A save in flight completes even when the loop stops on an error or Ctrl-C.
-        manager.wait_until_finished()
+            if stopping:
+                manager.wait_until_finished()
+                writer.flush()
+                raise stop.preempted(step, total_steps, manager.directory)
     writer.flush()
 
     if start_step >= total_steps:  # nothing left to train: report the checkpoint as it is
@@ -289,6 +295,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  100 * (result['best_test_accuracy'] or result['final_test_accuracy']),
                  result['best_epoch'])
     return result
+
+
+@contextlib.contextmanager
+def _wait_for_saves(manager):
+    """A save in flight completes even when the loop stops on an error or a signal."""
+    try:
+        yield
+    finally:
+        manager.wait_until_finished()
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
