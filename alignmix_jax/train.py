@@ -40,6 +40,7 @@ from alignmix_jax import (
     inert_alignment,
     mixup,
     preemption,
+    run_config,
     sharding,
     workdir_lock,
 )
@@ -131,10 +132,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `dataset`: the data, already loaded by `data.load_dataset(config.dataset)`, for
     callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
-    The settings are checked first; the run holds the workdir's lock (one run per workdir).
+    The settings are checked first; the run holds the workdir's lock (one run per workdir) and
+    continues only a run of the same settings (alignmix_jax/run_config.py).
     """
     config_checks.validate(config, num_devices=jax.device_count())
     with workdir_lock.hold(workdir, jax.process_index()):
+        # Before the data: a restart with settings its checkpoints cannot continue with stops.
+        for field, old, new in run_config.check(config, workdir):
+            logging.warning('config.%s changed from %s to %s (allow_config_change).', field,
+                            old, new)
         return _train_and_evaluate(config, workdir, dataset)
 
 
@@ -170,8 +176,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f'the latest checkpoint in {manager.directory} (step {int(state.step)}) holds '
                 f'non-finite parameters or statistics; delete that step\'s directory to resume '
                 f'from the one before it')
+        run_config.check_num_epochs(config, int(state.step), steps_per_epoch, manager.directory)
         logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
     start_step = int(state.step)
+    if jax.process_index() == 0:  # the settings the run goes on with
+        run_config.record(config, workdir)
 
     # Only process 0 logs and writes TensorBoard summaries; the others write nowhere.
     writer = (metric_writers.create_default_writer(workdir) if jax.process_index() == 0

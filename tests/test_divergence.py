@@ -118,18 +118,21 @@ def test_advice_fits_the_run():
     config = demo.get_config()  # float32, learning rate 0.1, epsilon 0.1
     loss = divergence.Divergence(step=5, mode='input', what='loss', value=NAN)
     assert divergence.advice(config, loss) == (
-        'lower the learning rate (--config.train.learning_rate=0.01, now 0.1); then restart')
+        'lower the learning rate (--config.train.learning_rate=0.01, now 0.1); then restart with '
+        '--config.train.allow_config_change=True')
     config.model.dtype = 'bfloat16'
     assert divergence.advice(config, loss) == (
         'lower the learning rate (--config.train.learning_rate=0.01, now 0.1); or train in '
-        'float32 (--config.model.dtype=float32); then restart')
+        'float32 (--config.model.dtype=float32); then restart with '
+        '--config.train.allow_config_change=True')
     config.model.dtype = 'float32'
     plan = divergence.Divergence(step=5, mode='feature', what='marginal_error', value=NAN)
     assert divergence.advice(config, plan) == (
         "the Sinkhorn plan was the first non-finite value: raise the alignment's entropic "
         'regularisation (--config.mixup.epsilon=0.2, now 0.1) or leave out the feature modes '
         '(config.mixup.modes); or lower the learning rate (--config.train.learning_rate=0.01, '
-        'now 0.1); then restart')
+        'now 0.1); then restart with '
+        '--config.train.allow_config_change=True')
 
 
 # The check in the training loop, on the tiny config (4 steps an epoch, a fetch every 2).
@@ -167,6 +170,7 @@ def test_a_diverging_run_stops_before_saving_and_names_its_finite_checkpoint(tmp
     good_state = train_one_good_epoch(config, workdir, demo_dataset)
     config.train.num_epochs = 3
     config.train.learning_rate = 1e6
+    config.train.allow_config_change = True
     with pytest.raises(FloatingPointError) as stop:
         train.train_and_evaluate(config, str(workdir))
     # Steps 5 and 6 stayed finite and within the factor, so step 6 was saved (and the rotation
@@ -175,7 +179,8 @@ def test_a_diverging_run_stops_before_saving_and_names_its_finite_checkpoint(tmp
         "the parameters or BatchNorm statistics became non-finite at step 7 (mode 'input'), "
         "with finite metrics; stopped without saving: the newest checkpoint, all finite, is "
         f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
-        "(--config.train.learning_rate=100000, now 1e+06); then restart")
+        "(--config.train.learning_rate=100000, now 1e+06); then restart with "
+        "--config.train.allow_config_change=True")
     # A save of step 8 would have rotated step 4 out: nothing was written, nothing deleted.
     assert checkpoint_listing(workdir) == ['4', '6']
     state, _, step = restore_params(str(workdir), config, demo_dataset)  # the one it names
@@ -192,6 +197,7 @@ def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_datas
     train_one_good_epoch(config, workdir, demo_dataset)
     config.train.num_epochs = 2
     config.mixup.epsilon = 0.0  # ott's Sinkhorn divides by it: a NaN plan
+    config.train.allow_config_change = True
     with pytest.raises(ValueError, match=r'config.mixup.epsilon must be > 0'):
         train.train_and_evaluate(config, str(workdir))
     # Past the settings check (as a config made in code and trained without it would be).
