@@ -10,11 +10,14 @@
 
 import collections
 import contextlib
+import functools
 import logging as python_logging
 import os
 import sys
 
 from absl import flags, logging
+
+from alignmix_jax.output_dirs import describe_os_error
 
 # Where the config files are: the repository's configs/ folder, which is not part of the
 # installed package (its files import each other as `configs.<name>`).
@@ -86,8 +89,22 @@ def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FL
 
 
 def hide_library_info(record: python_logging.LogRecord) -> bool:
-    """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
-    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+    """Keeps the console to our progress: orbax logs every save and restore at INFO level, and
+    a failed save as a traceback from each of its threads (and asyncio one per task it left
+    behind), which the command reports as one `error:` line instead (the tracebacks are at
+    debug level, `--verbosity=1`)."""
+    from_orbax = '/orbax/' in record.pathname
+    if (from_orbax and record.exc_info) or (record.name == 'asyncio'
+                                            and '/orbax/' in _message(record)):
+        return False
+    return record.levelno >= python_logging.WARNING or not from_orbax
+
+
+def _message(record: python_logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except Exception:  # a malformed record is not ours to judge
+        return ''
 
 
 # The user-error classes beside ValueError: (module, class name).
@@ -110,11 +127,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Turns the user's errors into one `error: <message>` line on stderr and exit status 1.
+    """Turns the user's errors, and any OSError (a file system's: full, read-only, a missing
+    share), into one `error: <message>` line on stderr and exit status 1.
 
     The traceback is still logged at debug level (`--verbosity=1` shows it), for the rare
     ValueError that is a bug rather than a bad setting.
     """
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_hide_closed_event_loops, previous_hook)
     try:
         yield
     except Exception as error:
@@ -122,7 +142,25 @@ def one_line_errors():
         if preempted and isinstance(error, preempted):  # saved; the same command resumes
             print(error, file=sys.stderr)
             raise SystemExit(error.exit_code) from None
-        if not isinstance(error, _user_errors()):
+        if isinstance(error, _user_errors()):
+            message = str(error)
+        elif isinstance(error, OSError):  # a file system's refusal: the path and the reason
+            message = describe_os_error(error)
+        else:
             raise
         logging.debug('the error above, with its traceback', exc_info=True)
-        raise SystemExit(f'error: {error}') from None
+        raise SystemExit(f'error: {message}') from None
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _hide_closed_event_loops(previous_hook, unraisable) -> None:
+    """After a failed save, TensorStore still calls back into the asyncio loop orbax ran it
+    in and has closed: each callback's 'Event loop is closed' would print a traceback, while
+    the failure itself is reported as one line. Those go to the debug log; anything else
+    to the previous hook."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+        logging.debug('a callback into a closed event loop: %r', error)
+        return
+    previous_hook(unraisable)

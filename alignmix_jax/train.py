@@ -242,6 +242,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 probability=config.mixup.probability, off_epoch=config.mixup.off_epoch)
             state, step_metrics = compiled_train_step(state, images, labels, mode=mode)
             buffer.add(mode, step_metrics)
+            checkpointing.check_saves(manager)  # a failed save stops the run a step later
             report_progress(step)
 
             is_last = step == total_steps
@@ -282,7 +283,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if should_save:
                 checkpointing.save(manager, step, state, progress)
             if stopping:
-                manager.wait_until_finished()
+                checkpointing.check_saves(manager, wait=True)
                 writer.flush()
                 raise stop.preempted(step, total_steps, manager.directory)
     writer.flush()
@@ -308,11 +309,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 @contextlib.contextmanager
 def _wait_for_saves(manager):
-    """A save in flight completes even when the loop stops on an error or a signal."""
+    """A save in flight completes even when the loop stops on an error or a signal; its own
+    failure is reported unless the loop's error is already on its way."""
     try:
         yield
-    finally:
-        manager.wait_until_finished()
+    except BaseException:
+        try:
+            manager.wait_until_finished()
+        except Exception:  # the loop's error is the one to report
+            logging.debug('a save failed while the loop stopped', exc_info=True)
+        raise
+    checkpointing.check_saves(manager, wait=True)
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
