@@ -294,7 +294,8 @@ def list_class_folders(split_dir: str, kind: str, *, missing: str,
     Local paths or any filesystem tf.io.gfile knows (gs://...); names only, no stat per file
     (ImageNet's train split holds 1.28 million). `missing` and `empty` end the errors for a
     split folder that does not exist or holds no class folders (what to pass instead);
-    `kind` names the dataset in them.
+    `kind` names the dataset in them. A class folder that is a dangling symbolic link or cannot
+    be listed is an error; hidden entries and files beside the class folders are skipped.
     """
     tf = import_tensorflow()
     if not tf.io.gfile.isdir(split_dir):
@@ -303,9 +304,17 @@ def list_class_folders(split_dir: str, kind: str, *, missing: str,
     for entry in sorted(tf.io.gfile.listdir(split_dir)):
         class_name = entry.rstrip('/')
         class_dir = os.path.join(split_dir, class_name)
-        if class_name.startswith('.') or not tf.io.gfile.isdir(class_dir):
+        if class_name.startswith('.'):
             continue
-        files = sorted(os.path.join(class_dir, name) for name in tf.io.gfile.listdir(class_dir)
+        if not tf.io.gfile.isdir(class_dir):
+            _check_not_a_dangling_link(class_dir)
+            continue
+        try:
+            names = tf.io.gfile.listdir(class_dir)
+        except tf.errors.OpError as error:
+            raise DatasetError(f'class folder {class_dir} cannot be read '
+                               f'({short_reason(error)})') from error
+        files = sorted(os.path.join(class_dir, name) for name in names
                        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith('.'))
         if not files:
             raise DatasetNotFoundError(f'class folder {class_dir} holds no images '
@@ -314,3 +323,13 @@ def list_class_folders(split_dir: str, kind: str, *, missing: str,
     if not files_by_class:
         raise DatasetNotFoundError(f'{kind} split {split_dir} holds no class folders: {empty}')
     return files_by_class
+
+
+def _check_not_a_dangling_link(path: str) -> None:
+    """DatasetNotFoundError for a symbolic link to nothing among the class folders (a share
+    that is not mounted), which would otherwise drop its class without a word."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DatasetNotFoundError(
+            f'class folder {path} is a symbolic link to {os.readlink(path)}, which does not '
+            f'exist (a share not mounted?): mount it, or remove the link to train without '
+            f'that class')
