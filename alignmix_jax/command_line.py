@@ -14,6 +14,7 @@ import functools
 import logging as python_logging
 import os
 import sys
+import traceback
 
 from absl import flags, logging
 
@@ -26,15 +27,20 @@ CONFIGS_HINT = ('the config files are in the configs/ folder of the alignmix_jax
                 'e.g. `python -m alignmix_jax.main --config=configs/demo.py --workdir=DIR`')
 
 
-def config_paths(argv) -> list[str]:
-    """The config files named by `--config=PATH[:VARIANT]` or `--config PATH` in `argv`."""
-    paths = []
+def config_arguments(argv) -> list[str]:
+    """The values of `--config=PATH[:VARIANT]` or `--config PATH[:VARIANT]` in `argv`."""
+    values = []
     for index, argument in enumerate(argv):
         if argument.startswith('--config='):
-            paths.append(argument.removeprefix('--config='))
+            values.append(argument.removeprefix('--config='))
         elif argument == '--config' and index + 1 < len(argv):
-            paths.append(argv[index + 1])
-    return [path.split(':', 1)[0] for path in paths]
+            values.append(argv[index + 1])
+    return values
+
+
+def config_paths(argv) -> list[str]:
+    """The config files named by `--config=PATH[:VARIANT]` or `--config PATH` in `argv`."""
+    return [value.split(':', 1)[0] for value in config_arguments(argv)]
 
 
 def parse_flags(argv):
@@ -47,23 +53,77 @@ def parse_flags(argv):
         arguments = flags.FLAGS(argv)
         check_tuple_fields_given_once(argv)
         return arguments
-    except (flags.Error, ValueError) as error:  # e.g. a value of the wrong type
-        raise SystemExit(f'error: {error}') from None
-    except ModuleNotFoundError as error:
-        if error.name != 'configs' and not (error.name or '').startswith('configs.'):
+    except Exception as error:
+        message = config_file_error(error, config_arguments(argv)) or _override_error(error)
+        if message is None:
             raise
+        raise SystemExit(f'error: {message}') from None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from or while handling, outermost first."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def config_file_error(error: BaseException, config_values: list[str]) -> str | None:
+    """One line for an error of the config file itself (None for any other error): a syntax
+    error (its file and line), a failed import, an exception of `get_config` (its message and
+    line: the configs' own errors name the valid variants), a variant given to a config that
+    takes none. ml_collections wraps get_config's TypeError and ValueError in one whose message
+    is the whole traceback; the error it wraps is the one reported."""
+    if not config_values:
+        return None
+    value = config_values[0]
+    path, _, variant = value.partition(':')
+    chain = _chain(error)
+    if isinstance(chain[-1], ModuleNotFoundError) and (
+            chain[-1].name == 'configs' or (chain[-1].name or '').startswith('configs.')):
         # A config file found by its path, imported with the repository not on sys.path.
-        raise SystemExit(f'error: the config file imports the package {error.name!r}; '
-                         f'{CONFIGS_HINT}') from None
-    except (AttributeError, KeyError) as error:
+        return f'the config file imports the package {chain[-1].name!r}; {CONFIGS_HINT}'
+    syntax = next((cause for cause in chain if isinstance(cause, SyntaxError)), None)
+    if syntax is not None:
+        return (f'the config file {value} does not load: {syntax.msg} in {syntax.filename}, '
+                f'line {syntax.lineno}')
+    # Frames in the config file's folder (it may import its neighbours: configs/methods.py).
+    folder = os.path.dirname(os.path.realpath(path))
+    for cause in reversed(chain):  # the innermost error first
+        frames = [frame for frame in traceback.extract_tb(cause.__traceback__)
+                  if os.path.dirname(os.path.realpath(frame.filename)) == folder]
+        if not frames:
+            continue
+        where = f'{frames[-1].filename}, line {frames[-1].lineno}'
+        reason = ' '.join(str(cause).split()) or type(cause).__name__
+        if isinstance(cause, ImportError):
+            return (f'the config file {value} does not load: {reason} ({where}); install the '
+                    f'package or fix the import')
+        return f'the config file {value} failed: {type(cause).__name__}: {reason} ({where})'
+    if variant and any(isinstance(cause, TypeError) and 'get_config()' in str(cause)
+                       and 'positional argument' in str(cause) for cause in chain):
+        return f'the config file {path} takes no :variant (got {variant!r}): leave it out'
+    if any(isinstance(cause, AttributeError) and "attribute 'get_config'" in str(cause)
+           for cause in chain):
+        return (f'{path} is not a config file (it has no get_config()); the config files '
+                f'are configs/<dataset>.py, e.g. configs/cifar10.py')
+    return None
+
+
+def _override_error(error: BaseException) -> str | None:
+    """The line for a bad override on the command line, or None for any other error."""
+    if isinstance(error, (flags.Error, ValueError)):  # e.g. a value of the wrong type
+        return str(error)
+    if isinstance(error, (AttributeError, KeyError)):
         # ml_collections reports a field that does not exist as a KeyError (wrapped in an
         # AttributeError) whose message is the field name plus a "Did you mean" line.
         message = error
         while isinstance(message, BaseException) and message.args:
             message = message.args[0]
         detail = ' '.join(str(message).split())
-        raise SystemExit(f'error: no config field {detail}; the fields are listed in '
-                         f'configs/default.py') from None
+        return f'no config field {detail}; the fields are listed in configs/default.py'
+    return None
 
 
 def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
