@@ -175,3 +175,58 @@ def test_a_second_signal_while_saving_exits_at_once_and_keeps_the_checkpoints(
     state, _, step = restore_params(workdir, config, demo_dataset)
     assert step == 12
     jax.tree.map(np.testing.assert_array_equal, uninterrupted_state.params, state.params)
+
+
+def child_processes(pid: int) -> list[int]:
+    with open(f'/proc/{pid}/task/{pid}/children') as children:
+        return [int(child) for child in children.read().split()]
+
+
+def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path, demo_dataset):
+    """SIGTERM to process 1 alone: JAX's preemption service makes both save the same step."""
+    from tests.test_sharding import demo_run_args, run_python
+
+    uninterrupted_dir, workdir = tmp_path / 'uninterrupted', tmp_path / 'run'
+    launch = ['launch/local.py', '--num_processes=2', '--']
+    assert run_python(*launch, *demo_run_args(uninterrupted_dir, num_epochs=3)).returncode == 0
+
+    launcher = subprocess.Popen([sys.executable, *launch, *demo_run_args(workdir, num_epochs=3)],
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    try:
+        deadline = time.monotonic() + 600
+        while not (workdir / 'checkpoints' / '4').is_dir():  # the first: epoch 1's
+            assert launcher.poll() is None and time.monotonic() < deadline, \
+                launcher.communicate()[0][-3000:]
+            time.sleep(0.1)
+        [process_1] = [pid for pid in child_processes(launcher.pid)
+                       if '--process_id=1' in open(f'/proc/{pid}/cmdline').read()]
+        os.kill(process_1, signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == preemption.EXIT_CODE, output[-3000:]
+    stops = re.findall(r'\[(\d)\] stopped by a preemption notice \(SIGTERM or SIGINT to one of '
+                       r'the processes\) at step (\d+) of 12: saved the checkpoint of step '
+                       r'\2 in ', output)
+    assert sorted(process for process, _ in stops) == ['0', '1'], output[-3000:]
+    assert stops[0][1] == stops[1][1]
+    stopped_at = int(stops[0][1])
+    assert 1 <= stopped_at < 12
+    manager = checkpointing.make_manager(str(workdir), read_only=True)
+    assert max(manager.all_steps()) == stopped_at
+
+    resumed = run_python(*launch, *demo_run_args(workdir, num_epochs=3))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f'at step {stopped_at}.' in resumed.stdout  # 'Resumed from ... at step N.'
+    config = make_tiny_config()
+    config.mixup.modes = ('input', 'feature')
+    config.train.lr_decay_epochs = ()
+    state_a, progress_a, step_a = restore_params(str(uninterrupted_dir), config, demo_dataset)
+    state_b, progress_b, step_b = restore_params(str(workdir), config, demo_dataset)
+    assert step_a == step_b == 12
+    jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
+    jax.tree.map(np.testing.assert_array_equal, state_a.batch_stats, state_b.batch_stats)
+    assert progress_a == progress_b
