@@ -16,6 +16,10 @@ metrics are finite with its metrics; every fetch checks the steps since the last
 non-finite value or an exploding loss, and a fetch comes before every checkpoint. A divergence
 stops the run before it saves, so no non-finite state is ever written and the rotation
 (`keep_checkpoints`) deletes nothing: the newest checkpoint is the last finite one.
+
+SIGTERM or SIGINT ends the run after the step in progress, saved (alignmix_jax/preemption.py);
+a failed asynchronous save stops it at the next step (`checkpointing.check_saves`); a restart
+continues only a run of the same settings (alignmix_jax/run_config.py).
 """
 
 import contextlib
