@@ -36,6 +36,7 @@ def main(argv):
         # No JAX or TensorFlow yet: a bad setting is reported within a second.
         from alignmix_jax import config_checks, data, output_dirs
         config_checks.validate(FLAGS.config)
+        # The workdir: created if missing, written to, or one line saying why not.
         output_dirs.check_writable(FLAGS.workdir, '--workdir')
         train_size = data.known_train_size(FLAGS.config.dataset)
         if train_size is not None:
