@@ -8,6 +8,7 @@ renames it when complete, so a run killed at any moment leaves only whole checkp
 import errno
 import os
 import re
+import weakref
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,10 +33,16 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
                                  item_names=('state', 'progress'))
 
 
+# The step each manager saves last (asynchronously), for the message if that save fails: orbax
+# forgets a failed step, and not every error of its threads names it.
+_SAVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, progress: dict) -> None:
     """Saves asynchronously; `check_saves` after each step reports a failed save, and
     `wait_for_saves` waits for it to complete (before exiting)."""
     check_saves(manager, wait=True)  # orbax waits for the previous save: its failure is ours
+    _SAVING[manager] = step
     try:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
@@ -52,12 +59,11 @@ def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
         manager.wait_until_finished()  # re-raises the save's error
         manager.check_for_errors()
     except Exception as error:
-        raise _save_failed(manager, None, error) from error
+        raise _save_failed(manager, _SAVING.get(manager), error) from error
 
 
 def _save_failed(manager: ocp.CheckpointManager, step: int | None,
                  error: BaseException) -> CheckpointError:
-    step = step if step is not None else _failed_step(error)
     which = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
     manager.reload()  # what is on disk now
     kept = manager.all_steps()
@@ -66,12 +72,6 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None,
                else 'there is no earlier checkpoint')
     return CheckpointError(f'{which} could not be written to {manager.directory} '
                            f'({_save_failure_reason(error)}); {earlier} once that is fixed')
-
-
-def _failed_step(error: BaseException) -> int | None:
-    """The step of a failed save, from the temporary directory orbax names in its error."""
-    match = re.search(r'/(\d+)\.orbax-checkpoint-tmp', str(error))
-    return int(match[1]) if match else None
 
 
 def _save_failure_reason(error: BaseException) -> str:
