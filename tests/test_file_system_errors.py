@@ -117,8 +117,9 @@ def test_an_evaluation_of_a_read_only_workdir_stops_before_it_computes(finished_
 
 @needs_mounts
 def test_a_disk_that_fills_during_a_save_stops_the_run_in_one_line(tmp_path):
-    """A 3 MB file system holds one tiny checkpoint (1.5 MB), not two: the save of step 4
-    fails in orbax's background threads."""
+    """A 2 MB file system holds one tiny checkpoint (1.5 MB), not two: the save of step 4
+    fails in orbax's background threads, and the run stops before the next save (step 6), not
+    at the end (step 8)."""
     mount_point = tmp_path / 'mnt'
     mount_point.mkdir()
     workdir = mount_point / 'run'
@@ -126,15 +127,16 @@ def test_a_disk_that_fills_during_a_save_stops_the_run_in_one_line(tmp_path):
                'print("steps", checkpointing.make_manager(sys.argv[1], read_only=True)'
                '.all_steps())')
     result = run_in_mount_namespace(
-        'mnt=$1 python=$2 listing=$3; shift 3; mount -t tmpfs -o size=3m none "$mnt" && '
+        'mnt=$1 python=$2 listing=$3; shift 3; mount -t tmpfs -o size=2m none "$mnt" && '
         '"$python" -m alignmix_jax.main "$@" 2>"$mnt/../err"; echo "exit $?"; '
         '"$python" -c "$listing" "$mnt/run" 2>/dev/null; cat "$mnt/../err" >&2',
-        mount_point, sys.executable, listing, *tiny_run_args(workdir, num_epochs=1))
+        mount_point, sys.executable, listing, *tiny_run_args(workdir, num_epochs=2))
     assert 'exit 1\nsteps [2]\n' in result.stdout, result.stdout + result.stderr[-3000:]
     assert one_error_line(result.stderr) == (
         f'error: the checkpoint of step 4 could not be written to {workdir}/checkpoints (No '
         f'space left on device (ENOSPC)); the earlier checkpoints (2) are intact; resume from '
         f'the latest by running the same command once that is fixed')
+    assert '] [8] train/' not in result.stderr and '] [4] train/' in result.stderr
 
 
 def test_check_writable_creates_the_folder(tmp_path):
