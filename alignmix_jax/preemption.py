@@ -22,10 +22,10 @@ process. SIGINT is passed on to it as a SIGTERM. With the service off, a multi-p
 leaves both signals to their defaults (a warning says so): processes deciding on their own
 would save different steps.
 
-A second signal while the run stops (saving, or evaluating its last step) exits at once with
-status 128 + the signal's number. Orbax writes each checkpoint into a temporary directory
-that it renames when complete, so the checkpoints already complete are intact; the partial
-one is removed at the next start.
+A second signal once the run is stopping (one process: any time after the first; several:
+from the agreed step on) exits at once with status 128 + the signal's number. Orbax writes
+each checkpoint into a temporary directory that it renames when complete, so the checkpoints
+already complete are intact; the partial one is removed at the next start.
 """
 
 import os
