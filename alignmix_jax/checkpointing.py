@@ -5,8 +5,14 @@ Each checkpoint holds the train state (a pytree) and a small JSON record of the 
 renames it when complete, so a run killed at any moment leaves only whole checkpoints behind.
 """
 
+import errno
+import os
+import re
+import weakref
+
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 
@@ -27,10 +33,64 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
                                  item_names=('state', 'progress'))
 
 
+# The step each manager saves last (asynchronously), for the message if that save fails: orbax
+# forgets a failed step, and not every error of its threads names it.
+_SAVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, progress: dict) -> None:
-    """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+    """Saves asynchronously; `check_saves` after each step reports a failed save, and
+    `wait_for_saves` waits for it to complete (before exiting)."""
+    check_saves(manager, wait=True)  # orbax waits for the previous save: its failure is ours
+    _SAVING[manager] = step
+    try:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+    except Exception as error:  # the synchronous part: the temporary directory, the arrays
+        raise _save_failed(manager, step, error) from error
+
+
+def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
+    """CheckpointError (one line: the step, the path, the reason) if the last asynchronous
+    save failed; with `wait`, waits for it first, else returns at once while it runs."""
+    if not wait and manager.is_saving_in_progress():
+        return
+    try:
+        manager.wait_until_finished()  # re-raises the save's error
+        manager.check_for_errors()
+    except Exception as error:
+        raise _save_failed(manager, _SAVING.get(manager), error) from error
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None,
+                 error: BaseException) -> CheckpointError:
+    which = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
+    manager.reload()  # what is on disk now
+    kept = manager.all_steps()
+    earlier = (f'the earlier checkpoints ({", ".join(map(str, sorted(kept)))}) are intact; '
+               f'resume from the latest by running the same command' if kept
+               else 'there is no earlier checkpoint')
+    return CheckpointError(f'{which} could not be written to {manager.directory} '
+                           f'({_save_failure_reason(error)}); {earlier} once that is fixed')
+
+
+def _save_failure_reason(error: BaseException) -> str:
+    """The file system's reason ('No space left on device (ENOSPC)'), where TensorStore's
+    message names its error code, else `underlying_reason`."""
+    for cause in _chain(error):
+        if isinstance(cause, OSError) and cause.errno:
+            return f'{os.strerror(cause.errno)} ({errno.errorcode.get(cause.errno, cause.errno)})'
+        code = re.search(r"\[os_error_code='(\d+)'\]", str(cause))
+        if code:
+            number = int(code[1])
+            return f'{os.strerror(number)} ({errno.errorcode.get(number, number)})'
+    return underlying_reason(error)
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def underlying_reason(error: BaseException, max_length: int = 300) -> str:
@@ -96,6 +156,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, step: int 
     return restored.state, dict(restored.progress), step
 
 
+# How often an evaluation of the latest checkpoint moves on to the newest one when the one it
+# reads is deleted under it (a training run's rotation, `keep_checkpoints`).
+_ROTATION_RETRIES = 3
+
+
 def restore_variables(workdir: str, abstract_variables: dict, *, step: int | None = None):
     """(variables, step): only the model's variables of `step` or the latest checkpoint.
 
@@ -103,6 +168,8 @@ def restore_variables(workdir: str, abstract_variables: dict, *, step: int | Non
     such as {'params': ..., 'batch_stats': ...} of jax.ShapeDtypeStruct trees (with shardings),
     naming fields of the saved train state; the optimizer state and the rest stay on disk.
     Raises CheckpointError with one line saying what to do when there is nothing to restore.
+    A training run may delete the checkpoint being read (its rotation): the latest is then
+    read again, the newest one (`_ROTATION_RETRIES` times); a `step` asked for is reported.
     """
     root = epath.Path(workdir)
     if not root.is_dir():
@@ -110,31 +177,55 @@ def restore_variables(workdir: str, abstract_variables: dict, *, step: int | Non
                               f'alignmix_jax.main --config=... --workdir={root}`')
     manager = make_manager(workdir, read_only=True)
     try:
-        steps = manager.all_steps()
-        if not steps:
-            # The same messages as for training: damaged, or empty (then: train first).
-            restore_latest(manager, None, required=True)
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise CheckpointError(f'no checkpoint of step {step} in {manager.directory}; '
-                                  f'available steps: {sorted(steps)}')
-        _check_variables_fit(manager.directory / str(step) / 'state', abstract_variables)
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=abstract_variables,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
-                    partial_restore=True)))
-        except Exception as error:  # orbax raises many types for damaged or mismatched files
-            raise CheckpointError(
-                f'the checkpoint of step {step} in {manager.directory} does not fit the model '
-                f'({underlying_reason(error)}): pass the config and overrides it was trained '
-                f'with') from error
+        for attempt in range(_ROTATION_RETRIES + 1):
+            manager.reload()  # what is on disk now: a training run may have rotated since
+            steps = manager.all_steps()
+            if not steps:
+                # The same messages as for training: damaged, or empty (then: train first).
+                restore_latest(manager, None, required=True)
+            chosen = max(steps) if step is None else step
+            if chosen not in steps:
+                raise CheckpointError(f'no checkpoint of step {chosen} in {manager.directory}; '
+                                      f'available steps: {sorted(steps)}')
+            try:
+                return _restore_variables(manager, chosen, abstract_variables), chosen
+            except CheckpointError:
+                if (manager.directory / str(chosen)).exists():
+                    raise
+                # Deleted while it was read: by a training run's rotation.
+                if step is not None:
+                    manager.reload()
+                    raise CheckpointError(
+                        f'the checkpoint of step {chosen} in {manager.directory} was deleted '
+                        f'while it was read (a training run keeps only its newest '
+                        f'keep_checkpoints); available steps: '
+                        f'{sorted(manager.all_steps())}') from None
+                logging.info('The checkpoint of step %d was deleted while it was read; reading '
+                             'the newest one (attempt %d).', chosen, attempt + 2)
+        raise CheckpointError(
+            f'the latest checkpoint in {manager.directory} was deleted while it was read, '
+            f'{_ROTATION_RETRIES + 1} times (a training run rotating its checkpoints faster '
+            f'than they load): evaluate once it has finished, or keep more checkpoints')
     finally:
         # Stops orbax's background threads, which would otherwise print tracebacks at exit.
         manager.close()
-    return dict(restored.state), step
+
+
+def _restore_variables(manager: ocp.CheckpointManager, step: int,
+                       abstract_variables: dict) -> dict:
+    _check_variables_fit(manager.directory / str(step) / 'state', abstract_variables)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=abstract_variables,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
+                partial_restore=True)))
+    except Exception as error:  # orbax raises many types for damaged or mismatched files
+        raise CheckpointError(
+            f'the checkpoint of step {step} in {manager.directory} does not fit the model '
+            f'({underlying_reason(error)}): pass the config and overrides it was trained '
+            f'with') from error
+    return dict(restored.state)
 
 
 def _check_variables_fit(state_directory: epath.Path, abstract_variables: dict) -> None:
@@ -146,7 +237,8 @@ def _check_variables_fit(state_directory: epath.Path, abstract_variables: dict) 
     try:
         saved = ocp.PyTreeCheckpointer().metadata(state_directory).item_metadata.tree
     except Exception as error:  # orbax raises many types for damaged files
-        raise _unreadable(state_directory.parent, f'the checkpoint in {state_directory.parent}',
+        step_directory = state_directory.parent
+        raise _unreadable(step_directory.parent, f'the checkpoint of step {step_directory.name}',
                           type(error).__name__) from error
     for path, wanted in jax.tree_util.tree_flatten_with_path(abstract_variables)[0]:
         keys = [str(getattr(entry, 'key', entry)) for entry in path]

@@ -3,16 +3,22 @@
     app.run(main, flags_parser=parse_flags)      a bad config override is one clear line
     logging.get_absl_handler().addFilter(hide_library_info)
     with one_line_errors():                      a mistake in the settings or the data is
-        ...                                      `error: ...` and exit status 1
+        ...                                      `error: ...` and exit status 1; a run
+                                                 stopped by a signal after saving, one line
+                                                 and preemption.EXIT_CODE
 """
 
 import collections
 import contextlib
+import functools
 import logging as python_logging
 import os
 import sys
+import traceback
 
 from absl import flags, logging
+
+from alignmix_jax.output_dirs import describe_os_error
 
 # Where the config files are: the repository's configs/ folder, which is not part of the
 # installed package (its files import each other as `configs.<name>`).
@@ -21,15 +27,20 @@ CONFIGS_HINT = ('the config files are in the configs/ folder of the alignmix_jax
                 'e.g. `python -m alignmix_jax.main --config=configs/demo.py --workdir=DIR`')
 
 
-def config_paths(argv) -> list[str]:
-    """The config files named by `--config=PATH[:VARIANT]` or `--config PATH` in `argv`."""
-    paths = []
+def config_arguments(argv) -> list[str]:
+    """The values of `--config=PATH[:VARIANT]` or `--config PATH[:VARIANT]` in `argv`."""
+    values = []
     for index, argument in enumerate(argv):
         if argument.startswith('--config='):
-            paths.append(argument.removeprefix('--config='))
+            values.append(argument.removeprefix('--config='))
         elif argument == '--config' and index + 1 < len(argv):
-            paths.append(argv[index + 1])
-    return [path.split(':', 1)[0] for path in paths]
+            values.append(argv[index + 1])
+    return values
+
+
+def config_paths(argv) -> list[str]:
+    """The config files named by `--config=PATH[:VARIANT]` or `--config PATH` in `argv`."""
+    return [value.split(':', 1)[0] for value in config_arguments(argv)]
 
 
 def parse_flags(argv):
@@ -42,23 +53,77 @@ def parse_flags(argv):
         arguments = flags.FLAGS(argv)
         check_tuple_fields_given_once(argv)
         return arguments
-    except (flags.Error, ValueError) as error:  # e.g. a value of the wrong type
-        raise SystemExit(f'error: {error}') from None
-    except ModuleNotFoundError as error:
-        if error.name != 'configs' and not (error.name or '').startswith('configs.'):
+    except Exception as error:
+        message = config_file_error(error, config_arguments(argv)) or _override_error(error)
+        if message is None:
             raise
+        raise SystemExit(f'error: {message}') from None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from or while handling, outermost first."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def config_file_error(error: BaseException, config_values: list[str]) -> str | None:
+    """One line for an error of the config file itself (None for any other error): a syntax
+    error (its file and line), a failed import, an exception of `get_config` (its message and
+    line: the configs' own errors name the valid variants), a variant given to a config that
+    takes none. ml_collections wraps get_config's TypeError and ValueError in one whose message
+    is the whole traceback; the error it wraps is the one reported."""
+    if not config_values:
+        return None
+    value = config_values[0]
+    path, _, variant = value.partition(':')
+    chain = _chain(error)
+    if isinstance(chain[-1], ModuleNotFoundError) and (
+            chain[-1].name == 'configs' or (chain[-1].name or '').startswith('configs.')):
         # A config file found by its path, imported with the repository not on sys.path.
-        raise SystemExit(f'error: the config file imports the package {error.name!r}; '
-                         f'{CONFIGS_HINT}') from None
-    except (AttributeError, KeyError) as error:
+        return f'the config file imports the package {chain[-1].name!r}; {CONFIGS_HINT}'
+    syntax = next((cause for cause in chain if isinstance(cause, SyntaxError)), None)
+    if syntax is not None:
+        return (f'the config file {value} does not load: {syntax.msg} in {syntax.filename}, '
+                f'line {syntax.lineno}')
+    # Frames in the config file's folder (it may import its neighbours: configs/methods.py).
+    folder = os.path.dirname(os.path.realpath(path))
+    for cause in reversed(chain):  # the innermost error first
+        frames = [frame for frame in traceback.extract_tb(cause.__traceback__)
+                  if os.path.dirname(os.path.realpath(frame.filename)) == folder]
+        if not frames:
+            continue
+        where = f'{frames[-1].filename}, line {frames[-1].lineno}'
+        reason = ' '.join(str(cause).split()) or type(cause).__name__
+        if isinstance(cause, ImportError):
+            return (f'the config file {value} does not load: {reason} ({where}); install the '
+                    f'package or fix the import')
+        return f'the config file {value} failed: {type(cause).__name__}: {reason} ({where})'
+    if variant and any(isinstance(cause, TypeError) and 'get_config()' in str(cause)
+                       and 'positional argument' in str(cause) for cause in chain):
+        return f'the config file {path} takes no :variant (got {variant!r}): leave it out'
+    if any(isinstance(cause, AttributeError) and "attribute 'get_config'" in str(cause)
+           for cause in chain):
+        return (f'{path} is not a config file (it has no get_config()); the config files '
+                f'are configs/<dataset>.py, e.g. configs/cifar10.py')
+    return None
+
+
+def _override_error(error: BaseException) -> str | None:
+    """The line for a bad override on the command line, or None for any other error."""
+    if isinstance(error, (flags.Error, ValueError)):  # e.g. a value of the wrong type
+        return str(error)
+    if isinstance(error, (AttributeError, KeyError)):
         # ml_collections reports a field that does not exist as a KeyError (wrapped in an
         # AttributeError) whose message is the field name plus a "Did you mean" line.
         message = error
         while isinstance(message, BaseException) and message.args:
             message = message.args[0]
         detail = ' '.join(str(message).split())
-        raise SystemExit(f'error: no config field {detail}; the fields are listed in '
-                         f'configs/default.py') from None
+        return f'no config field {detail}; the fields are listed in configs/default.py'
+    return None
 
 
 def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -84,8 +149,22 @@ def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FL
 
 
 def hide_library_info(record: python_logging.LogRecord) -> bool:
-    """Keeps the console to our progress: orbax logs every save and restore at INFO level."""
-    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+    """Keeps the console to our progress: orbax logs every save and restore at INFO level, and
+    a failed save as a traceback from each of its threads (and asyncio one per task it left
+    behind), which the command reports as one `error:` line instead (the tracebacks are at
+    debug level, `--verbosity=1`)."""
+    from_orbax = '/orbax/' in record.pathname
+    if (from_orbax and record.exc_info) or (record.name == 'asyncio'
+                                            and '/orbax/' in _message(record)):
+        return False
+    return record.levelno >= python_logging.WARNING or not from_orbax
+
+
+def _message(record: python_logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except Exception:  # a malformed record is not ours to judge
+        return ''
 
 
 # The user-error classes beside ValueError: (module, class name).
@@ -108,15 +187,40 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Turns the user's errors into one `error: <message>` line on stderr and exit status 1.
+    """Turns the user's errors, and any OSError (a file system's: full, read-only, a missing
+    share), into one `error: <message>` line on stderr and exit status 1.
 
     The traceback is still logged at debug level (`--verbosity=1` shows it), for the rare
     ValueError that is a bug rather than a bad setting.
     """
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_hide_closed_event_loops, previous_hook)
     try:
         yield
     except Exception as error:
-        if not isinstance(error, _user_errors()):
+        preempted = getattr(sys.modules.get('alignmix_jax.preemption'), 'Preempted', ())
+        if preempted and isinstance(error, preempted):  # saved; the same command resumes
+            print(error, file=sys.stderr)
+            raise SystemExit(error.exit_code) from None
+        if isinstance(error, _user_errors()):
+            message = str(error)
+        elif isinstance(error, OSError):  # a file system's refusal: the path and the reason
+            message = describe_os_error(error)
+        else:
             raise
         logging.debug('the error above, with its traceback', exc_info=True)
-        raise SystemExit(f'error: {error}') from None
+        raise SystemExit(f'error: {message}') from None
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _hide_closed_event_loops(previous_hook, unraisable) -> None:
+    """After a failed save, TensorStore still calls back into the asyncio loop orbax ran it
+    in and has closed: each callback's 'Event loop is closed' would print a traceback, while
+    the failure itself is reported as one line. Those go to the debug log; anything else
+    to the previous hook."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+        logging.debug('a callback into a closed event loop: %r', error)
+        return
+    previous_hook(unraisable)

@@ -174,4 +174,5 @@ def advice(config: ml_collections.ConfigDict, divergence: Divergence) -> str:
                  f'{learning_rate / 10:g}, now {learning_rate:g})')
     if config.model.dtype == 'bfloat16':
         steps.append('train in float32 (--config.model.dtype=float32)')
-    return '; or '.join(steps) + '; then restart'
+    # The workdir refuses changed settings unless told (alignmix_jax/run_config.py).
+    return '; or '.join(steps) + '; then restart with --config.train.allow_config_change=True'

@@ -34,8 +34,10 @@ def main(argv):
     with one_line_errors():
         # The settings first, before the devices or the data are touched.
         # No JAX or TensorFlow yet: a bad setting is reported within a second.
-        from alignmix_jax import config_checks, data
+        from alignmix_jax import config_checks, data, output_dirs
         config_checks.validate(FLAGS.config)
+        # The workdir: created if missing, written to, or one line saying why not.
+        output_dirs.check_writable(FLAGS.workdir, '--workdir')
         train_size = data.known_train_size(FLAGS.config.dataset)
         if train_size is not None:
             config_checks.check_training_set(FLAGS.config, train_size)
@@ -49,9 +51,10 @@ def main(argv):
                                       FLAGS.process_id)
         logging.info('Config:\n%s', FLAGS.config)
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if jax.process_index() == 0:
+            with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as results_file:
+                json.dump(result, results_file, indent=2)
     if jax.process_index() == 0:
-        with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as results_file:
-            json.dump(result, results_file, indent=2)
         print(json.dumps(result))
 
 

@@ -17,8 +17,13 @@ metrics are finite with its metrics; every fetch checks the steps since the last
 non-finite value or an exploding loss, and a fetch comes before every checkpoint. A divergence
 stops the run before it saves, so no non-finite state is ever written and the rotation
 (`keep_checkpoints`) deletes nothing: the newest checkpoint is the last finite one.
+
+SIGTERM or SIGINT ends the run after the step in progress, saved (alignmix_jax/preemption.py);
+a failed asynchronous save stops it at the next step (`checkpointing.check_saves`); a restart
+continues only a run of the same settings (alignmix_jax/run_config.py).
 """
 
+import contextlib
 import itertools
 import os
 import time
@@ -39,6 +44,8 @@ from alignmix_jax import (
     inert_alignment,
     metric_log,
     mixup,
+    preemption,
+    run_config,
     sharding,
     workdir_lock,
 )
@@ -130,10 +137,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `dataset`: the data, already loaded by `data.load_dataset(config.dataset)`, for
     callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
-    The settings are checked first; the run holds the workdir's lock (one run per workdir).
+    The settings are checked first; the run holds the workdir's lock (one run per workdir) and
+    continues only a run of the same settings (alignmix_jax/run_config.py).
     """
     config_checks.validate(config, num_devices=jax.device_count())
     with workdir_lock.hold(workdir, jax.process_index()):
+        # Before the data: a restart with settings its checkpoints cannot continue with stops.
+        for field, old, new in run_config.check(config, workdir):
+            logging.warning('config.%s changed from %s to %s (allow_config_change).', field,
+                            old, new)
         return _train_and_evaluate(config, workdir, dataset)
 
 
@@ -169,8 +181,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f'the latest checkpoint in {manager.directory} (step {int(state.step)}) holds '
                 f'non-finite parameters or statistics; delete that step\'s directory to resume '
                 f'from the one before it')
+        run_config.check_num_epochs(config, int(state.step), steps_per_epoch, manager.directory)
         logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
     start_step = int(state.step)
+    if jax.process_index() == 0:  # the settings the run goes on with
+        run_config.record(config, workdir)
 
     # Only process 0 logs and writes metrics (console, metrics.jsonl, TensorBoard).
     writer = metric_log.open_writer(workdir, start_step, jax.process_index())
@@ -219,7 +234,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         logging.info('The checkpoint is at the last step (%d); evaluating it.', start_step)
     start_time = time.time()
-    try:
+    # SIGTERM or SIGINT: the step in progress ends the run, saved (alignmix_jax/preemption.py).
+    with (preemption.StopOnSignal() as stop, _wait_for_saves(manager),
+          contextlib.closing(writer)):
         for step in range(start_step + 1, total_steps + 1):
             images, labels = next(batches)
             # timm's probability and off_epoch may turn the drawn mode into 'none'; `step` is
@@ -230,11 +247,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 probability=config.mixup.probability, off_epoch=config.mixup.off_epoch)
             state, step_metrics = compiled_train_step(state, images, labels, mode=mode)
             buffer.add(mode, step_metrics)
+            checkpointing.check_saves(manager)  # a failed save stops the run a step later
             report_progress(step)
 
             is_last = step == total_steps
+            stopping = not is_last and stop.requested(step, manager)
             should_eval = step % eval_every_steps == 0 or is_last
-            should_save = step % train_config.checkpoint_every_steps == 0 or should_eval
+            should_save = (step % train_config.checkpoint_every_steps == 0 or should_eval
+                           or stopping)
             # Every save is preceded by a check of every step up to it.
             if step % train_config.log_every_steps == 0 or should_save:
                 summary, found = buffer.flush(step, float(schedule(step - 1)), detector)
@@ -267,10 +287,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              100 * progress['best_test_accuracy'], progress['best_epoch'])
             if should_save:
                 checkpointing.save(manager, step, state, progress)
-    finally:
-        # A save in flight completes even when the loop stops on an error or Ctrl-C.
-        manager.wait_until_finished()
-        writer.close()
+            if stopping:
+                checkpointing.check_saves(manager, wait=True)
+                writer.flush()
+                raise stop.preempted(step, total_steps, manager.directory)
 
     if start_step >= total_steps:  # nothing left to train: report the checkpoint as it is
         test_metrics = test_evaluator.run({'params': state.params,
@@ -289,6 +309,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  100 * (result['best_test_accuracy'] or result['final_test_accuracy']),
                  result['best_epoch'])
     return result
+
+
+@contextlib.contextmanager
+def _wait_for_saves(manager):
+    """A save in flight completes even when the loop stops on an error or a signal; its own
+    failure is reported unless the loop's error is already on its way."""
+    try:
+        yield
+    except BaseException:
+        try:
+            manager.wait_until_finished()
+        except Exception:  # the loop's error is the one to report
+            logging.debug('a save failed while the loop stopped', exc_info=True)
+        raise
+    checkpointing.check_saves(manager, wait=True)
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -189,6 +189,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every_steps = 100
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
+    # A restart into a workdir that holds checkpoints refuses settings other than the ones its
+    # run was started with (WORKDIR/config.json; alignmix_jax/run_config.py says which); True
+    # continues it with the new ones (the model and the data can never change).
+    config.train.allow_config_change = False
     # Stop when a step's loss (while still finite) exceeds this factor times the lowest running
     # median of its mode's last 100 losses (at least 0.01): 1000 is far above any healthy
     # spike (alignmix_jax/divergence.py says why); a non-finite state or metric always stops.

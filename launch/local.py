@@ -7,10 +7,16 @@ Every process runs `python -m alignmix_jax.main` with the arguments after `--`, 
 each process owns one CPU device and the processes reduce over gloo, JAX's CPU collectives:
 the multi-host code path, testable without a cluster. Each line of output is prefixed with its
 process index. If a process fails, the others are stopped and its exit code is returned.
+
+Stopping: Ctrl-C reaches every process from the terminal (this launcher ignores it); a SIGTERM
+to the launcher is passed on to each process. The processes then agree on a step, save it and
+exit with status 75 (alignmix_jax/preemption.py), which is not a failure: the others are left
+to finish their save, and 75 is returned.
 """
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +36,11 @@ def relay(process_index: int, stream) -> None:
         sys.stdout.flush()
 
 
+# alignmix_jax.preemption.EXIT_CODE: a process stopped on a signal after saving (this script
+# imports nothing from the package).
+PREEMPTED = 75
+
+
 def launch(num_processes: int, main_args: list[str]) -> int:
     coordinator = f'localhost:{free_port()}'
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,9 +54,13 @@ def launch(num_processes: int, main_args: list[str]) -> int:
         relays.append(threading.Thread(target=relay, args=(process_id, process.stdout)))
         relays[-1].start()
         processes.append(process)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the processes have it from the terminal
+    signal.signal(signal.SIGTERM, lambda signum, frame: [
+        process.send_signal(signal.SIGTERM) for process in processes if process.poll() is None])
     exit_code = 0
     while any(process.poll() is None for process in processes):
-        failed = [process for process in processes if process.poll() not in (None, 0)]
+        failed = [process for process in processes
+                  if process.poll() not in (None, 0, PREEMPTED)]
         if failed:
             exit_code = failed[0].returncode
             for process in processes:

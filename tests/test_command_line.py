@@ -61,3 +61,45 @@ def test_the_training_command_stops_on_a_repeated_tuple_field(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f'error: {REPEATED_MESSAGE}']
     assert list(tmp_path.iterdir()) == []
+
+
+def config_error(config_argument, tmp_path):
+    """The training command's stderr lines for `--config=config_argument` (stops at once)."""
+    result = subprocess.run([sys.executable, '-m', 'alignmix_jax.main',
+                             f'--config={config_argument}', f'--workdir={tmp_path / "run"}'],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert not (tmp_path / 'run').exists()
+    return result.stderr.strip().splitlines()
+
+
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
+    syntax = tmp_path / 'syntax.py'
+    syntax.write_text('import ml_collections\n\n\ndef get_config(:\n    pass\n')
+    assert config_error(syntax, tmp_path) == [
+        f'error: the config file {syntax} does not load: invalid syntax in {syntax}, line 4']
+    raises = tmp_path / 'raises.py'
+    raises.write_text('def get_config():\n    raise RuntimeError("no such setting")\n')
+    assert config_error(raises, tmp_path) == [
+        f'error: the config file {raises} failed: RuntimeError: no such setting ({raises}, '
+        f'line 2)']
+    missing = tmp_path / 'missing.py'
+    missing.write_text('import not_a_module_here\n\n\ndef get_config():\n    return None\n')
+    assert config_error(missing, tmp_path) == [
+        f"error: the config file {missing} does not load: No module named 'not_a_module_here' "
+        f'({missing}, line 1); install the package or fix the import']
+
+
+def test_an_unknown_variant_is_one_line_naming_the_valid_ones(tmp_path):
+    assert config_error('configs/demo.py:nonexistent_variant', tmp_path) == [
+        "error: the config file configs/demo.py:nonexistent_variant failed: ValueError: "
+        "unknown demo variant 'nonexistent_variant'; the variants are \"ae\" and \"ae_flat\" "
+        "(configs/demo.py, line 50)"]
+    [line] = config_error('configs/cifar10.py:cutmx', tmp_path)
+    assert line.startswith("error: the config file configs/cifar10.py:cutmx failed: ValueError: "
+                           "unknown config variant 'cutmx'; valid: methods baseline, ")
+    assert config_error('configs/imagenet.py:foo', tmp_path) == [
+        "error: the config file configs/imagenet.py takes no :variant (got 'foo'): leave it out"]
+    assert config_error('configs/methods.py', tmp_path) == [
+        'error: configs/methods.py is not a config file (it has no get_config()); the config '
+        'files are configs/<dataset>.py, e.g. configs/cifar10.py']

@@ -120,18 +120,21 @@ def test_advice_fits_the_run():
     config = demo.get_config()  # float32, learning rate 0.1, epsilon 0.1
     loss = divergence.Divergence(step=5, mode='input', what='loss', value=NAN)
     assert divergence.advice(config, loss) == (
-        'lower the learning rate (--config.train.learning_rate=0.01, now 0.1); then restart')
+        'lower the learning rate (--config.train.learning_rate=0.01, now 0.1); then restart with '
+        '--config.train.allow_config_change=True')
     config.model.dtype = 'bfloat16'
     assert divergence.advice(config, loss) == (
         'lower the learning rate (--config.train.learning_rate=0.01, now 0.1); or train in '
-        'float32 (--config.model.dtype=float32); then restart')
+        'float32 (--config.model.dtype=float32); then restart with '
+        '--config.train.allow_config_change=True')
     config.model.dtype = 'float32'
     plan = divergence.Divergence(step=5, mode='feature', what='marginal_error', value=NAN)
     assert divergence.advice(config, plan) == (
         "the Sinkhorn plan was the first non-finite value: raise the alignment's entropic "
         'regularisation (--config.mixup.epsilon=0.2, now 0.1) or leave out the feature modes '
         '(config.mixup.modes); or lower the learning rate (--config.train.learning_rate=0.01, '
-        'now 0.1); then restart')
+        'now 0.1); then restart with '
+        '--config.train.allow_config_change=True')
 
 
 # The check in the training loop, on the tiny config (4 steps an epoch, a fetch every 2).
@@ -188,6 +191,7 @@ def resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=0.1)
     config.train.num_epochs = 3
     config.train.keep_checkpoints = 2
     config.train.learning_rate = learning_rate
+    config.train.allow_config_change = True  # the learning rate may change on resume
     assert [train.choose_mode(train.training_modes(config), config.seed, step)
             for step in range(5, 9)] == ['feature_prime', 'input', 'input', 'input']
     with pytest.raises(FloatingPointError) as stop:
@@ -199,7 +203,7 @@ def resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=0.1)
         f'; stopped without saving: the newest checkpoint, all finite, is step 6 '
         f'({workdir}/checkpoints/6). To go on: lower the learning rate '
         f'(--config.train.learning_rate={learning_rate / 10:g}, now {learning_rate:g}); '
-        'then restart'), message
+        'then restart with --config.train.allow_config_change=True'), message
     assert checkpoint_listing(workdir) == ['4', '6']
     state, _, step = restore_params(str(workdir), config, demo_dataset)  # the one it names
     assert step == 6
@@ -226,7 +230,8 @@ def test_an_update_that_overflows_stops_the_run_on_the_state_check(good_epoch, t
         "the parameters or BatchNorm statistics became non-finite at step 7 (mode 'input'), "
         "with finite metrics; stopped without saving: the newest checkpoint, all finite, is "
         f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
-        "(--config.train.learning_rate=0.01, now 0.1); then restart")
+        "(--config.train.learning_rate=0.01, now 0.1); then restart with "
+        "--config.train.allow_config_change=True")
 
 
 def test_an_exploding_loss_stops_the_run_on_the_explosion_detector(good_epoch, tmp_path,
@@ -257,7 +262,8 @@ def test_an_exploding_loss_stops_the_run_on_the_explosion_detector(good_epoch, t
         f"the training loss exploded at step 7 (mode 'input'): 1e+09, its running median "
         f"{losses[6]:.4g}; stopped without saving: the newest checkpoint, all finite, is "
         f"step 6 ({workdir}/checkpoints/6). To go on: lower the learning rate "
-        "(--config.train.learning_rate=0.01, now 0.1); then restart")
+        "(--config.train.learning_rate=0.01, now 0.1); then restart with "
+        "--config.train.allow_config_change=True")
 
 
 def test_a_learning_rate_that_diverges_stops_at_its_first_diverged_step(good_epoch, tmp_path,
@@ -279,6 +285,7 @@ def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_datas
     train_one_good_epoch(config, workdir, demo_dataset)
     config.train.num_epochs = 2
     config.mixup.epsilon = 0.0  # ott's Sinkhorn divides by it: a NaN plan
+    config.train.allow_config_change = True
     with pytest.raises(ValueError, match=r'config.mixup.epsilon must be > 0'):
         train.train_and_evaluate(config, str(workdir))
     # Past the settings check (as a config made in code and trained without it would be).

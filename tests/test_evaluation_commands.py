@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -186,3 +187,60 @@ def test_initial_evaluates_the_variables_training_starts_from(tmp_path):
     assert record['results'] == expected
     with pytest.raises(ValueError, match='leave out --step'):
         command.evaluate_workdir('classification', config, str(tmp_path), step=3, initial=True)
+
+
+def test_initial_and_step_evaluations_keep_the_latest_checkpoints_files(trained, tmp_path):
+    """Each evaluation's files are named by what it evaluated: the untrained model's
+    reliability diagram does not replace the trained one's."""
+    source, _ = trained
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(source, workdir)
+    config = make_tiny_config()
+    latest, _ = command.evaluate_workdir('calibration', config, workdir)
+    diagram = os.path.join(workdir, 'eval', 'calibration_reliability.png')
+    with open(diagram, 'rb') as png:
+        latest_picture = png.read()
+    initial, printed = command.evaluate_workdir('calibration', config, workdir, initial=True)
+    step_six, _ = command.evaluate_workdir('calibration', config, workdir, step=6)
+    assert sorted(name for name in os.listdir(os.path.join(workdir, 'eval'))
+                  if name.startswith('calibration')) == [
+        'calibration.json', 'calibration_initial.json', 'calibration_initial_reliability.png',
+        'calibration_reliability.png', 'calibration_step6.json',
+        'calibration_step6_reliability.png']
+    assert 'calibration_initial_reliability.png' in printed
+    with open(diagram, 'rb') as png:
+        assert png.read() == latest_picture
+    for name, record in (('calibration', latest), ('calibration_initial', initial),
+                         ('calibration_step6', step_six)):
+        with open(os.path.join(workdir, 'eval', f'{name}.json')) as json_file:
+            assert json.load(json_file)['step'] == record['step']
+    assert (latest['step'], initial['step'], step_six['step']) == (8, 'initial', 6)
+    assert latest['results']['ece'] != initial['results']['ece']
+
+
+def test_a_checkpoint_rotated_away_while_loading_is_retried_or_named(trained, tmp_path,
+                                                                    monkeypatch):
+    """A training run's rotation deletes the checkpoint an evaluation is reading: the latest
+    is read again (the newest left), a --step asked for is one line naming the steps left."""
+    source, _ = trained
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(source, workdir)
+    config = make_tiny_config()
+    check_fit = checkpointing._check_variables_fit
+
+    def rotated_while_reading(state_directory, abstract_variables):
+        step_directory = state_directory.parent
+        if step_directory.name == '8':  # deleted between listing the steps and reading it
+            shutil.rmtree(step_directory)
+        return check_fit(state_directory, abstract_variables)
+
+    monkeypatch.setattr(checkpointing, '_check_variables_fit', rotated_while_reading)
+    record, _ = command.evaluate_workdir('classification', config, workdir)
+    assert record['step'] == 6
+    shutil.copytree(os.path.join(source, 'checkpoints', '8'),
+                    os.path.join(workdir, 'checkpoints', '8'))
+    with pytest.raises(checkpointing.CheckpointError) as raised:
+        command.evaluate_workdir('classification', config, workdir, step=8)
+    assert str(raised.value) == (
+        f'the checkpoint of step 8 in {workdir}/checkpoints was deleted while it was read (a '
+        f'training run keeps only its newest keep_checkpoints); available steps: [4, 6]')

@@ -370,3 +370,21 @@ def test_process_shares_of_eval_batches_count_every_image_once(process_count):
 def test_batch_size_must_divide_among_processes():
     with pytest.raises(ValueError, match='multiple of the number of processes'):
         next(data.eval_batches(_labelled_split(10), 5, process_count=2))
+
+
+def test_a_class_folder_that_is_a_dangling_link_is_an_error_not_a_dropped_class(tmp_path):
+    for split in ('train', 'test'):
+        for class_name in ('cat', 'dog'):
+            (tmp_path / split / class_name).mkdir(parents=True)
+            Image.new('RGB', (8, 8), (40, 80, 120)).save(tmp_path / split / class_name / 'a.png')
+        (tmp_path / split / '.cache').mkdir()  # hidden: skipped
+        (tmp_path / split / 'README.txt').write_text('a file beside the classes: skipped')
+    loaded = data.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
+    assert loaded.class_names == ('cat', 'dog')
+    (tmp_path / 'train' / 'eel').symlink_to(tmp_path / 'share' / 'eel')  # not mounted
+    with pytest.raises(data.DatasetNotFoundError) as raised:
+        data.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
+    assert str(raised.value) == (
+        f'class folder {tmp_path}/train/eel is a symbolic link to {tmp_path}/share/eel, which '
+        f'does not exist (a share not mounted?): mount it, or remove the link to train without '
+        f'that class')

@@ -323,7 +323,9 @@ def list_class_folders(split_dir: str, kind: str, *, missing: str,
     Local paths (listed with `os`, no TensorFlow) or any filesystem tf.io.gfile knows
     (gs://...); names only, no stat per file (ImageNet's train split holds 1.28 million).
     `missing` and `empty` end the errors for a split folder that does not exist or holds no
-    class folders (what to pass instead); `kind` names the dataset in them.
+    class folders (what to pass instead); `kind` names the dataset in them. A class folder that
+    is a dangling symbolic link or cannot be listed is an error; hidden entries and files beside
+    the class folders are skipped.
     """
     gfile = _local_gfile if '://' not in split_dir else import_tensorflow().io.gfile
     if not gfile.isdir(split_dir):
@@ -332,9 +334,20 @@ def list_class_folders(split_dir: str, kind: str, *, missing: str,
     for entry in sorted(gfile.listdir(split_dir)):
         class_name = entry.rstrip('/')
         class_dir = os.path.join(split_dir, class_name)
-        if class_name.startswith('.') or not gfile.isdir(class_dir):
+        if class_name.startswith('.'):
             continue
-        files = sorted(os.path.join(class_dir, name) for name in gfile.listdir(class_dir)
+        if not gfile.isdir(class_dir):
+            _check_not_a_dangling_link(class_dir)
+            continue
+        # tf.io.gfile raises its own errors for remote folders; os raises OSError.
+        listing_errors = (OSError,) if gfile is _local_gfile else (
+            OSError, import_tensorflow().errors.OpError)
+        try:
+            names = gfile.listdir(class_dir)
+        except listing_errors as error:
+            raise DatasetError(f'class folder {class_dir} cannot be read '
+                               f'({short_reason(error)})') from error
+        files = sorted(os.path.join(class_dir, name) for name in names
                        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith('.'))
         if not files:
             raise DatasetNotFoundError(f'class folder {class_dir} holds no images '
@@ -343,3 +356,13 @@ def list_class_folders(split_dir: str, kind: str, *, missing: str,
     if not files_by_class:
         raise DatasetNotFoundError(f'{kind} split {split_dir} holds no class folders: {empty}')
     return files_by_class
+
+
+def _check_not_a_dangling_link(path: str) -> None:
+    """DatasetNotFoundError for a symbolic link to nothing among the class folders (a share
+    that is not mounted), which would otherwise drop its class without a word."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DatasetNotFoundError(
+            f'class folder {path} is a symbolic link to {os.readlink(path)}, which does not '
+            f'exist (a share not mounted?): mount it, or remove the link to train without '
+            f'that class')

@@ -130,8 +130,8 @@ class Evaluator:
                 strict=True))])
         return f'{summary}\n\n{bins}'
 
-    def write_files(self, results: dict, directory: str) -> list:
-        path = os.path.join(directory, 'calibration_reliability.png')
+    def write_files(self, results: dict, directory: str, name: str) -> list:
+        path = os.path.join(directory, f'{name}_reliability.png')
         save_reliability_diagram(results, path)
         return [path]
 

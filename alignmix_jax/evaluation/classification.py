@@ -83,8 +83,8 @@ class Evaluator:
                if 'reconstruction_error' in results else []),
              ('test images', results['num_examples'])])
 
-    def write_files(self, results: dict, directory: str) -> list:
-        del results, directory
+    def write_files(self, results: dict, directory: str, name: str) -> list:
+        del results, directory, name
         return []
 
 

@@ -1,8 +1,10 @@
 """The evaluation command: python -m alignmix_jax.evaluation.<kind> --config=... --workdir=DIR.
 
 Restores the checkpoint of WORKDIR (the latest, or --step), runs the kind's evaluator, prints
-its table and writes WORKDIR/eval/<kind>.json (and the evaluator's own files). Bad input ends
-with one `error: ...` line.
+its table and writes WORKDIR/eval/<kind>.json (<kind>_step<N>.json for --step N,
+<kind>_initial.json for --initial; the evaluator's own files named the same way). Bad input,
+or a results folder it cannot write (checked before the work), ends with one `error: ...`
+line.
 """
 
 import os
@@ -11,6 +13,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
+from alignmix_jax import output_dirs
 from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 from alignmix_jax.evaluation import common
 
@@ -40,20 +43,24 @@ def evaluate_workdir(kind: str, config: ml_collections.ConfigDict, workdir: str,
     from alignmix_jax import evaluation
 
     evaluator_class = evaluation.evaluator_class(kind)
+    latest = step is None
     if initial:
         if step is not None:
             raise ValueError('--initial evaluates the initial model: leave out --step')
         (context, variables), step = common.initial(config, dataset), 'initial'
     else:
         context, variables, step = common.load(config, workdir, step, dataset)
+    if jax.process_index() == 0:  # before the work: a folder it cannot write stops it now
+        output_dirs.check_writable(os.path.join(workdir, 'eval'), 'the results folder')
     options = config.evals[kind].to_dict() if kind in config.evals else {}
     evaluator = evaluator_class(context, **options)
     results = evaluator.run(variables)
     table = f'{kind} of {workdir} at step {step}\n{evaluator.table(results)}'
     record = {'kind': kind, 'step': step, 'options': options, 'results': results}
     if jax.process_index() == 0:
-        path = common.write_results(workdir, kind, step, results, options)
-        written = [path, *evaluator.write_files(results, os.path.dirname(path))]
+        name = common.results_name(kind, step, latest=latest)
+        path = common.write_results(workdir, name, kind, step, results, options)
+        written = [path, *evaluator.write_files(results, os.path.dirname(path), name)]
         table += '\nwrote ' + ', '.join(written)
     return record, table
 

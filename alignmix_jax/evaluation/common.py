@@ -7,7 +7,8 @@ An evaluator (one class `Evaluator` per module of this package, as big_vision's 
         .run(variables) -> dict                  named figures ({'top1_error': 0.42, ...}) of
                                                  the model variables {'params', 'batch_stats'}
         .table(results) -> str                   the results as the command prints them
-        .write_files(results, directory) -> list of the paths it wrote (e.g. a PNG); may be []
+        .write_files(results, directory, name)   -> the paths it wrote (e.g. a PNG), each named
+                                                 `<name>_...` (`results_name`); may be []
 
 `run` may be called many times (e.g. by a training loop): the constructor compiles, `run`
 only computes. Its values are JSON-serialisable (floats, ints, strings, lists of them).
@@ -208,13 +209,21 @@ def _to_json(value):
     raise TypeError(f'not JSON-serialisable: {type(value).__name__}')
 
 
-def write_results(workdir: str, kind: str, step: int | str, results: dict,
+def results_name(kind: str, step: int | str, *, latest: bool) -> str:
+    """The base name of an evaluation's files in WORKDIR/eval, by what it evaluated: <kind> for
+    the latest checkpoint, <kind>_step<N> for another step, <kind>_initial for the initial
+    model (step 'initial'); so no evaluation overwrites another model's files."""
+    if step == 'initial':
+        return f'{kind}_initial'
+    return kind if latest else f'{kind}_step{step}'
+
+
+def write_results(workdir: str, name: str, kind: str, step: int | str, results: dict,
                   options: dict) -> str:
-    """Writes WORKDIR/eval/<kind>.json (<kind>_initial.json for step 'initial', the initial
-    model): the results, the checkpoint step and the options."""
+    """Writes WORKDIR/eval/<name>.json (`results_name`): the results, the checkpoint step and
+    the options."""
     directory = os.path.join(workdir, 'eval')
     os.makedirs(directory, exist_ok=True)
-    name = f'{kind}_initial' if step == 'initial' else kind
     path = os.path.join(directory, f'{name}.json')
     record = {'kind': kind, 'step': step, 'options': options, 'results': results}
     with open(path, 'w') as json_file:

@@ -138,8 +138,8 @@ class Evaluator:
                 f'cells, shift {results["shift_cells"]} cell(s), eps {results["epsilon"]}, '
                 f'{results["sinkhorn_iters"]} iterations, cost_scale {results["cost_scale"]})')
 
-    def write_files(self, results: dict, directory: str) -> list:
-        del results, directory
+    def write_files(self, results: dict, directory: str, name: str) -> list:
+        del results, directory, name
         return []
 
 

@@ -135,8 +135,8 @@ class Evaluator:
                  ('CAM threshold of the top-1 box', results['cam_threshold'])]
         return common.format_table(('metric', 'value'), rows)
 
-    def write_files(self, results: dict, directory: str) -> list:
-        del results, directory
+    def write_files(self, results: dict, directory: str, name: str) -> list:
+        del results, directory, name
         return []
 
 

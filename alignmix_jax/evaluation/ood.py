@@ -232,8 +232,8 @@ class Evaluator:
         num_in = next(iter(results.values()))['num_in']
         return common.format_table(header, rows) + f'\n(ID: {num_in} test images)'
 
-    def write_files(self, results: dict, directory: str) -> list:
-        del results, directory
+    def write_files(self, results: dict, directory: str, name: str) -> list:
+        del results, directory, name
         return []
 
 

@@ -124,8 +124,8 @@ class Evaluator:
              f'{"random" if results["pgd_random_start"] else "clean"} start: our choices, the '
              'paper gives only the radius and step size)')
 
-    def write_files(self, results: dict, directory: str) -> list:
-        del results, directory
+    def write_files(self, results: dict, directory: str, name: str) -> list:
+        del results, directory, name
         return []
 
 
