@@ -67,9 +67,10 @@ def run_status(directory: str) -> str:
 
 
 def evaluate_run(config, directory: str, step: int, dataset=None) -> None:
-    """Evaluates checkpoint `step` of the run in `directory` with each kind not evaluated at
-    that step yet (`evaluation.command.evaluate_workdir`, which writes eval/<kind>.json) and
-    records each one's wall time in eval/wall_seconds.json."""
+    """Evaluates the final checkpoint `step` of the finished run in `directory` with each kind
+    not evaluated at that step yet and records each one's wall time in eval/wall_seconds.json.
+    `evaluation.command.evaluate_workdir` reads the latest checkpoint (the final one: a
+    finished run keeps it last) and writes eval/<kind>.json, whose step is checked."""
     from alignmix_jax.evaluation import command
 
     timing_path = os.path.join(directory, 'eval', TIMING_FILE)
@@ -77,7 +78,10 @@ def evaluate_run(config, directory: str, step: int, dataset=None) -> None:
         if _evaluation(directory, kind, step) is not None:
             continue
         start = time.time()
-        _, table = command.evaluate_workdir(kind, config, directory, step, dataset=dataset)
+        record, table = command.evaluate_workdir(kind, config, directory, dataset=dataset)
+        if record['step'] != step:
+            raise ValueError(f'{directory}: the latest checkpoint is step {record["step"]}, '
+                             f'not the final step {step} of its results.json')
         seconds = time.time() - start
         timing = _read_json(timing_path) or {}  # evaluate_workdir made eval/
         timing[kind] = seconds

@@ -49,8 +49,9 @@ class MetricWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         values = {name: float(value) for name, value in scalars.items()}
+        # Sorted by name, as clu's logging writer printed them (log parsers rely on it).
         logging.info('[%d] %s', step, ', '.join(f'{name}={value:.6g}'
-                                                 for name, value in values.items()))
+                                                 for name, value in sorted(values.items())))
         record = {'step': int(step), 'wall_time': time.time(), **values}
         self._metrics_file.write(json.dumps(record) + '\n')
         if self._events is not None:

@@ -164,6 +164,7 @@ def sinkhorn_plan(x, y, *, epsilon: float = 0.1, max_iters: int = 100,
 
 def _mixed_logits(model, images, permutation, lam: float, mode: str, sinkhorn_options):
     """Logits of one mode and the Sinkhorn iterations it ran (0 when it ran none)."""
+    torch = _torch()
     if mode == 'input':
         images = lam * images + (1 - lam) * images[permutation]
     features = model.encoder(images)
@@ -172,9 +173,11 @@ def _mixed_logits(model, images, permutation, lam: float, mode: str, sinkhorn_op
     batch, channels, height, width = features.shape
     anchor = features.reshape(batch, channels, height * width)  # A, (b, c, r)
     partner = anchor[permutation]  # A'
-    # In float32 also under bfloat16 autocast, as this project's alignment always is.
-    plan, iterations = sinkhorn_plan(anchor.transpose(1, 2).float(),
-                                     partner.transpose(1, 2).float(), **sinkhorn_options)
+    # At least float32 (also under bfloat16 autocast, as this project's alignment always is);
+    # float64 features (the parity tests) keep float64.
+    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    plan, iterations = sinkhorn_plan(anchor.transpose(1, 2).to(dtype),
+                                     partner.transpose(1, 2).to(dtype), **sinkhorn_options)
     assignment = (plan * (height * width)).detach()  # R = r P, no gradient through it
     if mode == 'feature':
         # A~ = A' R^T: position i of A receives sum_j R_ij a'_j.
