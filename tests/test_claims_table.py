@@ -151,7 +151,7 @@ def test_tiny_claims_skip_and_resume_training_and_evaluation(tmp_path, monkeypat
     workdir = str(tmp_path)
     # A killed run: one epoch trained and checkpointed, no results.json yet.
     killed = tiny_claims_config('baseline')
-    killed.train.num_epochs, killed.train.lr_decay_epochs = 1, ()
+    killed.train.num_epochs = 1  # the rest as the full run's: the workdir remembers its config
     killed.seed = 1
     train.train_and_evaluate(killed, reproduction_runs.run_directory(workdir, 'baseline', 1))
     reports = []
