@@ -14,7 +14,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
+from alignmix_jax.runtime.command_line import hide_library_info, one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
@@ -34,7 +34,9 @@ def main(argv):
     with one_line_errors():
         # The settings first, before the devices or the data are touched.
         # No JAX or TensorFlow yet: a bad setting is reported within a second.
-        from alignmix_jax import config_checks, data, output_dirs
+        from alignmix_jax import data
+        from alignmix_jax.runtime import output_dirs
+        from alignmix_jax.settings import config_checks
         config_checks.validate(FLAGS.config)
         # The workdir: created if missing, written to, or one line saying why not.
         output_dirs.check_writable(FLAGS.workdir, '--workdir')
@@ -45,7 +47,8 @@ def main(argv):
         # (data.common.import_tensorflow: kept off the accelerators JAX uses).
         import jax
 
-        from alignmix_jax import sharding, train
+        from alignmix_jax.runtime import sharding
+        from alignmix_jax.training import train
 
         sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
                                       FLAGS.process_id)

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     # DataParallel, which the public code uses); True, the global batch (cross-device means).
     config.model.sync_batch_norm = False
     # Start from converted ImageNet weights: a directory written by
-    # `python -m alignmix_jax.convert_torchvision` (None: random initialisation).
+    # `python -m alignmix_jax.pytorch.convert_torchvision` (None: random initialisation).
     config.model.pretrained = config_dict.placeholder(str)
     # AlignMixup/AE (paper Section 3.3, Table 8): 'ae' adds a decoder D: e -> x_hat trained by a
     # fifth mode, 'clean' (reconstruction of clean images), drawn with the mixup modes; 'vae'
@@ -137,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.prime_plan = 'fresh'
     # Behind an f that averages A linearly (pooling, then linear layers), aligned mixing is
     # exactly mixing the pooled features; training refuses to start there (the effect is
-    # measured on the first batch, alignmix_jax/inert_alignment.py) unless this is True
+    # measured on the first batch, alignmix_jax/training/inert_alignment.py) unless this is True
     # (e.g. to reproduce the public code's pooled linear head on purpose).
     config.mixup.allow_inert_alignment = False
     # AlignMix + CutMix (beyond the paper): each batch is a CutMix batch with this probability
@@ -190,12 +190,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
     # A restart into a workdir that holds checkpoints refuses settings other than the ones its
-    # run was started with (WORKDIR/config.json; alignmix_jax/run_config.py says which); True
-    # continues it with the new ones (the model and the data can never change).
+    # run was started with (WORKDIR/config.json; alignmix_jax/runtime/run_config.py says which);
+    # True continues it with the new ones (the model and the data can never change).
     config.train.allow_config_change = False
     # Stop when a step's loss (while still finite) exceeds this factor times the lowest running
     # median of its mode's last 100 losses (at least 0.01): 1000 is far above any healthy
-    # spike (alignmix_jax/divergence.py says why); a non-finite state or metric always stops.
+    # spike (alignmix_jax/training/divergence.py says why); a non-finite state or metric always
+    # stops.
     config.train.loss_explosion_factor = 1000.0
 
     # Evaluations (alignmix_jax/evaluation): `python -m alignmix_jax.evaluation.<kind>` reads

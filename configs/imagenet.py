@@ -19,7 +19,7 @@ f = BatchNorm + ReLU, then global average pooling (beyond the paper, whose f poo
 network's normalised output directly: that head averages A linearly, so behind it the feature
 modes are exactly mixup of the pooled features, the columns of R summing to one; the extra
 BatchNorm + ReLU is the nonlinearity through which alignment acts, as the start-up check,
-alignmix_jax/inert_alignment.py, measures; `--config.model.head_norm=False
+alignmix_jax/training/inert_alignment.py, measures; `--config.model.head_norm=False
 --config.mixup.allow_inert_alignment=True` is the paper's head), SGD for 300
 epochs with momentum 0.9 and weight decay 1e-4, learning rate 0.1 for the classifier g and
 0.01 for the other layers, both x0.1 at epochs 100 and 200; lambda ~ Beta(2, 2); Sinkhorn

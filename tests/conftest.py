@@ -57,7 +57,8 @@ def fit_one_batch(step_fn, config, model, images, labels, mesh, mode: str, updat
     Returns the first step's metrics, those of step 0's draw again, and the parameters before
     and after training, on the host (the step donates its input state).
     """
-    from alignmix_jax import sharding, train_step
+    from alignmix_jax.runtime import sharding
+    from alignmix_jax.training import train_step
 
     # The step donates its input state, so each call starts from a fresh one.
     initial = train_step.create_train_state(config, model, images.shape[1:], 4, mesh)

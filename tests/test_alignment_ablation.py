@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from alignmix_jax import alignment_ablation
+from alignmix_jax.experiments import alignment_ablation
 from tests.conftest import make_tiny_config
 
 

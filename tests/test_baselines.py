@@ -11,8 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alignmix_jax import data, mixup, mode_forward, reproduction_runs, sharding, train, train_step
+from alignmix_jax import data
+from alignmix_jax.experiments import reproduction_runs
+from alignmix_jax.method import mixup
 from alignmix_jax.models import Classifier, build_model
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import mode_forward, train, train_step
 from configs import cifar10, methods, mini_reproduction
 from tests.conftest import REPO_ROOT, fit_one_batch, init_key, make_tiny_config
 
@@ -280,7 +284,7 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
 
 def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.reproduce', f'--data_dir={tmp_path}',
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
          f'--workdir={tmp_path / "runs"}', '--methods=cutmix,mixmix'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from alignmix_jax.command_line import check_tuple_fields_given_once
+from alignmix_jax.runtime.command_line import check_tuple_fields_given_once
 from tests.conftest import REPO_ROOT
 
 MODES_TWICE = ["--config.mixup.modes=('input','input','feature','feature_prime')",

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import convert_torchvision, pretrained
-from alignmix_jax.models import build_model
+from alignmix_jax.models import build_model, pretrained
+from alignmix_jax.pytorch import convert_torchvision
 from configs import default
 from tests.conftest import init_key
 
@@ -282,7 +282,7 @@ def test_command_writes_the_weights(tmp_path):
     torch.save({'state_dict': {f'module.{k}': v for k, v in
                                TorchVGG16(10, 0.0625).state_dict().items()}}, state_dict_path)
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.convert_torchvision', '--arch=vgg16',
+        [sys.executable, '-m', 'alignmix_jax.pytorch.convert_torchvision', '--arch=vgg16',
          f'--state_dict={state_dict_path}', f'--output={tmp_path / "out"}'],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -290,7 +290,7 @@ def test_command_writes_the_weights(tmp_path):
     converted = pretrained.load_converted(str(tmp_path / 'out'))
     assert converted['params']['encoder']['conv1_1']['kernel'].shape == (3, 3, 3, 4)
     missing = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.convert_torchvision', '--arch=vgg16',
+        [sys.executable, '-m', 'alignmix_jax.pytorch.convert_torchvision', '--arch=vgg16',
          f'--state_dict={tmp_path / "none.pth"}', f'--output={tmp_path / "out2"}'],
         capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and 'no state_dict file' in missing.stderr

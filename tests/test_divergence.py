@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import checkpointing, config_checks, data, divergence, train, train_step
+from alignmix_jax import data
+from alignmix_jax.runtime import checkpointing
+from alignmix_jax.settings import config_checks
+from alignmix_jax.training import divergence, train, train_step
 from configs import demo
 from tests.conftest import make_tiny_config
 from tests.test_train import restore_params

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import data, evaluation, sharding
+from alignmix_jax import data, evaluation
 from alignmix_jax.evaluation import calibration, classification, common, ood, robustness
+from alignmix_jax.runtime import sharding
 from configs import default
 
 

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from alignmix_jax import output_dirs, train
-from alignmix_jax.command_line import one_line_errors
+from alignmix_jax.runtime import output_dirs
+from alignmix_jax.runtime.command_line import one_line_errors
+from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 from tests.test_preemption import tiny_run_args
 

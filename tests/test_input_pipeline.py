@@ -13,8 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from alignmix_jax import augmentation, data
-from alignmix_jax.data import in_memory
+from alignmix_jax import data
+from alignmix_jax.data import augmentation, in_memory
 from configs import default
 
 CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg'

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from alignmix_jax import cam_localization, data
+from alignmix_jax import data
+from alignmix_jax.evaluation import cam_localization
 from alignmix_jax.evaluation import localization as localization_eval
 from alignmix_jax.models import build_model
 from configs import default

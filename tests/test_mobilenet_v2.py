@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import data, mixup, sharding, train_step
+from alignmix_jax import data
+from alignmix_jax.method import mixup
 from alignmix_jax.models import ENCODERS, build_model
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2, divisible_channels
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train_step
 from configs import default
 from tests.conftest import fit_one_batch, make_tiny_config
 

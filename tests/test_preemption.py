@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from alignmix_jax import checkpointing, data, preemption, train
+from alignmix_jax import data
+from alignmix_jax.runtime import checkpointing, preemption
+from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 from tests.test_train import restore_params
 

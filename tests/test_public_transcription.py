@@ -1,6 +1,6 @@
 """torch_reference against the public AlignMixup CIFAR code's own structure.
 
-tests/test_step_parity.py checks our Flax step against `alignmix_jax.torch_reference`; that
+tests/test_step_parity.py checks our Flax step against `alignmix_jax.pytorch.torch_reference`; that
 check is only as good as the transcription. Here each piece the transcription claims to take
 from the public repository (shashankvkt/AlignMixup_CVPR22, cifar10_100/) is rebuilt in the
 layout of the public file itself: its module classes, attribute names, `nn.Sequential`
@@ -25,7 +25,7 @@ torch = pytest.importorskip('torch', reason='compares the PyTorch transcription:
 from torch import nn  # noqa: E402
 from torch.nn import functional  # noqa: E402
 
-from alignmix_jax import torch_reference  # noqa: E402
+from alignmix_jax.pytorch import torch_reference  # noqa: E402
 
 F = functional
 

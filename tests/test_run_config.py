@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from alignmix_jax import run_config, train
+from alignmix_jax.runtime import run_config
+from alignmix_jax.training import train
 from tests.conftest import make_tiny_config
 
 

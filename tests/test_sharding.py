@@ -103,7 +103,7 @@ def test_two_processes_train_and_one_process_resumes_their_checkpoint(tmp_path):
 def test_prefetch_to_mesh_yields_the_same_batches_reading_two_ahead():
     import numpy as np  # this module's other tests run JAX in subprocesses only
 
-    from alignmix_jax import sharding
+    from alignmix_jax.runtime import sharding
 
     mesh = sharding.make_mesh()
     host = [(np.full((4, 2), k, np.float32), np.arange(4) + k) for k in range(5)]

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from alignmix_jax import metric_log
 from alignmix_jax.data import common, in_memory
+from alignmix_jax.runtime import metric_log
 from tests.conftest import REPO_ROOT, SHARED_DATA, environment_without
 
 # The demo, as small as conftest.make_tiny_config, with two modes (fewer programs to compile).
@@ -116,7 +116,7 @@ def test_event_file_reads_back_in_tensorboard_form(tmp_path):
 
 
 def test_bench_runs_without_tensorflow(blocked_environment):
-    result = run_module('alignmix_jax.bench', [
+    result = run_module('alignmix_jax.experiments.bench', [
         '--config=configs/demo.py', '--config.dataset.train_subset=64',
         '--config.model.width=0.0625', '--config.train.batch_size=8',
         "--config.mixup.modes=('feature',)", '--steps=1', '--warmup=1',

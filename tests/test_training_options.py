@@ -1,12 +1,15 @@
-"""timm's mixup options (issue 17) in the training step and loop: the soft targets each step
+"""timm's mixup options in the training step and loop: the soft targets each step
 trains on, one compile per mode with one lambda per pair, and the schedule of mixed batches."""
 
 import jax
 import numpy as np
 import pytest
 
-from alignmix_jax import data, losses, mixup, sharding, train, train_step
+from alignmix_jax import data
+from alignmix_jax.method import losses, mixup
 from alignmix_jax.models import build_model
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train, train_step
 from tests.conftest import make_tiny_config
 
 SMOOTHING = 0.1

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from alignmix_jax import workdir_lock
+from alignmix_jax.runtime import workdir_lock
 from tests.conftest import REPO_ROOT
 
 HOLDER = '''

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignmix_jax import config_choices
 from alignmix_jax.models.classifier import (
     DECODER_TYPES,
     ENCODER_OPTIONS,
@@ -27,6 +26,7 @@ from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.vit import PatchTokens, VisionTransformer
 from alignmix_jax.models.wide_resnet import WideResNet
+from alignmix_jax.settings import config_choices
 
 __all__ = ['DECODER_TYPES', 'DTYPES', 'ENCODERS', 'Classifier', 'MobileNetV2', 'PatchTokens',
            'PreActResNet18', 'ResNet50',

@@ -1,4 +1,5 @@
-"""Speed of the pieces of a training step: `python -m alignmix_jax.bench --config=... [overrides]`.
+"""Speed of the pieces of a training step: `python -m alignmix_jax.experiments.bench --config=...
+[overrides]`.
 
 Measures, on the devices JAX sees and with the config's model, batch size and mixup settings:
 
@@ -26,7 +27,7 @@ in turn, and tabulates them side by side.
 CUDA where JAX runs on a GPU and torch sees one, there in bfloat16 through autocast for a
 bfloat16 config and with channels-last tensors, `bench_torch.torch_settings`; else on the CPU,
 in float32, as below; on the GPU torch's peak memory is reported too): the
-transcription of the public code in `alignmix_jax.torch_reference` (its PreActResNet18, its
+transcription of the public code in `alignmix_jax.pytorch.torch_reference` (its PreActResNet18, its
 SGD, its Sinkhorn loop, the soft cross-entropy of the mixed labels), started from our initial
 weights, with the config's width, batch size, lr, momentum, weight decay, epsilon, Sinkhorn
 iterations and threshold. It times exactly the modes 'none', 'input' and 'feature' (whatever
@@ -54,8 +55,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax import bench_torch
-from alignmix_jax.command_line import one_line_errors, parse_flags
+from alignmix_jax.pytorch import bench_torch
+from alignmix_jax.runtime.command_line import one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -124,17 +125,12 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
     import jax
     import jax.numpy as jnp
 
-    from alignmix_jax import (
-        alignment,
-        alignment_effect,
-        augmentation,
-        config_checks,
-        data,
-        mixup,
-        sharding,
-        train,
-        train_step,
-    )
+    from alignmix_jax import data
+    from alignmix_jax.data import augmentation
+    from alignmix_jax.method import alignment, mixup
+    from alignmix_jax.runtime import sharding
+    from alignmix_jax.settings import config_checks
+    from alignmix_jax.training import alignment_effect, train, train_step
     config_checks.validate(config, num_devices=jax.device_count())
     modes = tuple(dict.fromkeys(train.training_modes(config)))  # each once, in order
     dataset = data.load_dataset(config.dataset)
@@ -165,7 +161,7 @@ def benchmark(config, *, warmup: int = 2, repeats: int = 5, input_batches: int =
         # The same batch, augmented and normalised once as our step does it on the device,
         # the same initial weights, one fixed permutation and lambda (the time depends on
         # neither, except through the Sinkhorn loop's stop, which both sides run alike).
-        from alignmix_jax import torch_reference
+        from alignmix_jax.pytorch import torch_reference
         settings = bench_torch.torch_settings(bench_torch.torch_device(jax.default_backend()),
                                               config.model.dtype)
         torch_module.backends.cudnn.benchmark = settings['cudnn_benchmark']
@@ -383,7 +379,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     with one_line_errors():
-        from alignmix_jax import config_checks, config_choices
+        from alignmix_jax.settings import config_checks, config_choices
         dtypes = FLAGS.dtypes or [FLAGS.config.model.dtype]
         unknown = [dtype for dtype in dtypes if dtype not in config_choices.DTYPES]
         if unknown:

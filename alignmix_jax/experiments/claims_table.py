@@ -1,4 +1,5 @@
-"""The claims table on the CPU protocol: `python -m alignmix_jax.reproduce --protocol=cpu`.
+"""The claims table on the CPU protocol: `python -m alignmix_jax.experiments.reproduce
+--protocol=cpu`.
 
 `run_claims` trains each (method, seed) of configs/cpu_protocol.py through
 `reproduction_runs.run_all` (a finished run is skipped, a killed one resumes from its
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from absl import logging
 
-from alignmix_jax import reproduction_runs
+from alignmix_jax.experiments import reproduction_runs
 
 # The evaluations of each run's final checkpoint (alignmix_jax/evaluation), with their options
 # of the run's config (configs/cpu_protocol.py: robustness on 1,000 test images).

@@ -89,7 +89,8 @@ class LossExplosionDetector:
     must pass 10 nats, above the cross-entropy of a uniform guess for any class count up to
     e^10 (ImageNet's is ln 1000 = 6.9), and 1000 times a mixup run's typical loss (~1-2);
     a batch mean of 128 images reaching 1000 m needs most of the batch confidently wrong.
-    A run that diverges passes it within a few steps (the loss grew to 1e30 in issue 15).
+    A run that diverges passes it within a few steps: a diverging loss
+    grows by orders of magnitude from one fetch to the next.
     """
 
     def __init__(self, factor: float = 1000.0, *, window: int = 100, floor: float = 0.01):
@@ -174,5 +175,5 @@ def advice(config: ml_collections.ConfigDict, divergence: Divergence) -> str:
                  f'{learning_rate / 10:g}, now {learning_rate:g})')
     if config.model.dtype == 'bfloat16':
         steps.append('train in float32 (--config.model.dtype=float32)')
-    # The workdir refuses changed settings unless told (alignmix_jax/run_config.py).
+    # The workdir refuses changed settings unless told (alignmix_jax/runtime/run_config.py).
     return '; or '.join(steps) + '; then restart with --config.train.allow_config_change=True'

@@ -1,7 +1,7 @@
-"""The PyTorch side of `python -m alignmix_jax.bench --torch`: the step of the public CIFAR
-code (alignmix_jax/torch_reference.py, the transcription the parity tests check), built from
-our initial weights, and our config set to compute that same step, so the two are timed on the
-same work; and the side-by-side lines of the table. torch is imported only here, lazily.
+"""The PyTorch side of `python -m alignmix_jax.experiments.bench --torch`: the step of the public
+CIFAR code (alignmix_jax/pytorch/torch_reference.py, the transcription the parity tests check),
+built from our initial weights, and our config set to compute that same step, so the two are timed
+on the same work; and the side-by-side lines of the table. torch is imported only here, lazily.
 """
 
 # The modes --torch compares: those torch_reference transcribes as the public code runs them.
@@ -82,7 +82,7 @@ def make_torch_step(config, variables, num_classes: int, *, device: str = 'cpu',
     and the SGD update too, which keep float32 parameters); `channels_last`: the model's
     weights in that memory format (give it channels-last images too).
     """
-    from alignmix_jax import torch_reference
+    from alignmix_jax.pytorch import torch_reference
     torch = import_torch()
     model = torch_reference.build_classifier(num_classes, config.model.width)
     torch_reference.load_flax_variables(model, variables)

@@ -5,13 +5,13 @@
     config_checks.check_training_set(config, 5000)       once the training set's size is known
 
 Each raises ValueError with one line naming the field, its valid range and the value given,
-which the commands print as `error: ...` (alignmix_jax/command_line.py). A setting that would
-train on silently (alpha <= 0 draws lambda 0 on every step, epsilon 0 turns the plan into NaN)
+which the commands print as `error: ...` (alignmix_jax/runtime/command_line.py). A setting that
+would train on silently (alpha <= 0 draws lambda 0 on every step, epsilon 0 turns the plan into NaN)
 or fail deep inside a library after compiling (0 Sinkhorn iterations) stops here instead.
 
 Fields that only some configs have (e.g. `dataset.image_size`, `evals.localization`) are
 checked when present; an unset optional field (None) is not checked. The colour jitter and
-rotation ranges are checked by the augmentation itself (alignmix_jax.augmentation), at the
+rotation ranges are checked by the augmentation itself (alignmix_jax.data.augmentation), at the
 first trace.
 """
 
@@ -22,7 +22,7 @@ import ml_collections
 
 # Only modules that import no JAX, Flax, ott-jax or TensorFlow: the check runs (and a bad setting
 # is reported) before those seconds-long imports.
-from alignmix_jax import config_choices, evaluation
+from alignmix_jax.settings import config_choices
 
 
 def _number(value) -> bool:
@@ -190,15 +190,16 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     config_choices.validate_modes(
         config.mixup.modes, with_decoder=model_config.decoder != 'none',
         encoder_stages=config_choices.ENCODER_STAGES[model_config.name])
-    unknown = [kind for kind in config.train.evals if kind not in evaluation.KINDS]
+    unknown = [kind for kind in config.train.evals if kind not in config_choices.EVALUATION_KINDS]
     if unknown:
         raise _fail('train.evals', f'a tuple of evaluation kinds among '
-                    f'{", ".join(evaluation.KINDS)}', tuple(config.train.evals))
+                    f'{", ".join(config_choices.EVALUATION_KINDS)}', tuple(config.train.evals))
 
 
 def _check_mixup_options(mixup_config: ml_collections.ConfigDict) -> None:
-    """timm's four options (issue 17), by config_choices.check_options's own rules; a config
-    made before they existed has their neutral defaults."""
+    """timm's four options (label smoothing, probability, off epoch, lambda per), by
+    config_choices.check_options's own rules; a config made before they existed has their
+    neutral defaults."""
     config_choices.check_options(label_smoothing=mixup_config.get('label_smoothing', 0.0),
                                  probability=mixup_config.get('probability', 1.0),
                                  off_epoch=mixup_config.get('off_epoch'),
@@ -220,7 +221,7 @@ def _check_schedule(train_config: ml_collections.ConfigDict) -> None:
 
 
 def _check_divisible(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Global batches are split evenly over the devices (alignmix_jax/sharding.py)."""
+    """Global batches are split evenly over the devices (alignmix_jax/runtime/sharding.py)."""
     batch_sizes = [('train.batch_size', config.train.batch_size),
                    ('train.eval_batch_size', config.train.eval_batch_size)]
     batch_sizes += [(f'evals.{kind}.batch_size', options.batch_size)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from alignmix_jax import mixup
+from alignmix_jax.method import mixup
 
 
 class MixedBatch(NamedTuple):

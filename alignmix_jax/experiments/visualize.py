@@ -1,7 +1,7 @@
 """Pictures of the alignment: decoded morphs (paper Fig. 3), correspondences, the toy of Fig. 2.
 
-    python -m alignmix_jax.visualize --config=configs/demo.py --config.model.decoder=ae \\
-        --workdir=runs/demo_ae
+    python -m alignmix_jax.experiments.visualize --config=configs/demo.py \\
+        --config.model.decoder=ae --workdir=runs/demo_ae
 
 reads the latest checkpoint in DIR (trained with a decoder, `model.decoder` 'ae' or 'vae') and
 writes PNGs into `DIR/figures/`:
@@ -35,9 +35,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignmix_jax import alignment, augmentation, config_checks, mixup
-from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
+from alignmix_jax.data import augmentation
 from alignmix_jax.evaluation import common as evaluation_common
+from alignmix_jax.method import alignment, mixup
+from alignmix_jax.runtime.command_line import hide_library_info, one_line_errors, parse_flags
+from alignmix_jax.settings import config_checks
 
 matplotlib.use('Agg')  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen)

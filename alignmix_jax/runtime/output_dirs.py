@@ -6,8 +6,8 @@ A workdir that is a file, an empty name (an unset shell variable), a name longer
 system allows, a read-only or full file system or a missing permission would otherwise show as
 a traceback after seconds of imports, or after the whole evaluation. Each raises
 `OutputDirError`, one line with the path and the reason, which the commands print as
-`error: ...` (alignmix_jax/command_line.py; any other OSError reaching a command's top level is
-one line too, `describe_os_error`).
+`error: ...` (alignmix_jax/runtime/command_line.py; any other OSError reaching a command's top level
+is one line too, `describe_os_error`).
 """
 
 import errno

@@ -1,4 +1,5 @@
-"""The mini-reproduction's runs and table: `python -m alignmix_jax.reproduce` is the command.
+"""The mini-reproduction's runs and table: `python -m alignmix_jax.experiments.reproduce` is the
+command.
 
 `run_all` trains each (method, seed) as its own run through `train.train_and_evaluate` in
 `WORKDIR/<method>/seed<k>`, skips the runs whose `results.json` exists (a killed run resumes
@@ -33,7 +34,8 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
     `config.dataset.to_json()`, filled here, for a caller that uses them too (the claims
     table's evaluations). `write_table=False`: a caller writes its own WORKDIR/results.*.
     """
-    from alignmix_jax import data, train
+    from alignmix_jax import data
+    from alignmix_jax.training import train
 
     if datasets is None:
         datasets = {}  # the dataset config, as a string -> the loaded dataset
@@ -76,7 +78,7 @@ def logged_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, f
     """{tag: {step: value}} of the scalars `tags` the run in `directory` logged to its
     metrics.jsonl (`metric_log`; a step logged twice, as after a resume, keeps its last
     value). Needs no TensorFlow, unlike reading the TensorBoard event files."""
-    from alignmix_jax import metric_log
+    from alignmix_jax.runtime import metric_log
     values = {tag: {} for tag in tags}
     for record in metric_log.read_metrics(directory):
         for tag in tags:

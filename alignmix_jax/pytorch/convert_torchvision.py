@@ -1,6 +1,6 @@
 """torchvision ImageNet weights (ResNet-50, VGG-16) -> our Flax variables, and starting from them.
 
-    python -m alignmix_jax.convert_torchvision --arch=resnet50 --state_dict=resnet50.pth \\
+    python -m alignmix_jax.pytorch.convert_torchvision --arch=resnet50 --state_dict=resnet50.pth \\
         --output=weights/resnet50
 
 reads a PyTorch `state_dict` file in torchvision's layout and writes `OUTPUT/variables.npz`
@@ -24,7 +24,7 @@ weights (out, in) kernels (in, out); BatchNorm weight, bias, running_mean, runni
 scale, bias (params) and mean, var (batch_stats). A 'module.' prefix (DataParallel) and a
 {'state_dict': ...} or {'model': ...} wrapper (training checkpoints) are accepted.
 
-The files are written and read by `alignmix_jax.pretrained`.
+The files are written and read by `alignmix_jax.models.pretrained`.
 """
 
 import os
@@ -33,13 +33,13 @@ import re
 import numpy as np
 from absl import app, flags
 
-from alignmix_jax.models.vgg import VGG16_BLOCKS, vgg16_layer_names
-from alignmix_jax.pretrained import (
+from alignmix_jax.models.pretrained import (
     VARIABLES_FILE,
     ConversionError,
     flatten,
     save_converted,
 )
+from alignmix_jax.models.vgg import VGG16_BLOCKS, vgg16_layer_names
 
 ARCHS = ('resnet50', 'vgg16')
 # BatchNorm's counter of updates: PyTorch bookkeeping with no Flax counterpart.

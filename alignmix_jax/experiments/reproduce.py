@@ -1,6 +1,7 @@
 """A small-budget comparison of the paper's Table 1 methods on a CPU, with a results table.
 
-    python -m alignmix_jax.reproduce --data_dir=../shared/data/cifar10-jpeg --workdir=runs/mini
+    python -m alignmix_jax.experiments.reproduce --data_dir=../shared/data/cifar10-jpeg \\
+        --workdir=runs/mini
 
 Trains every method of configs/methods.py (baseline, input mixup, manifold mixup, CutMix,
 AlignMix, AlignMix/AE, AlignMix + CutMix) with each seed, one run after another in this
@@ -16,33 +17,33 @@ seen during training beside it, and the wall time per run.
 `--backbone=vit_small` (or another of configs/backbones.py) trains every run on that network
 instead of the quarter-width PreActResNet18:
 
-    python -m alignmix_jax.reproduce --data_dir=../shared/data/cifar10-jpeg \
+    python -m alignmix_jax.experiments.reproduce --data_dir=../shared/data/cifar10-jpeg \
         --workdir=runs/mini_vit --backbone=vit_small --methods=baseline,alignmix
 
 `--ablation=alignment` trains instead AlignMix with alignment off, the paper's, converged and
 the public code's, behind two heads, and writes WORKDIR/ablation.md
-(`alignmix_jax.alignment_ablation`; `--methods` then names its conditions, e.g.
+(`alignmix_jax.experiments.alignment_ablation`; `--methods` then names its conditions, e.g.
 `paper_bn_relu`).
 
 `--protocol=cpu` trains instead the claims set of configs/cpu_protocol.py (its `METHODS`, or
 `--methods`) on that protocol's budget (2,000 training images, 100 epochs), evaluates each
 run's final checkpoint for FGSM and PGD accuracy, ECE and OE, and writes one row a method to
 WORKDIR/results.md and results.json; it prints which runs remain and an estimate of their
-time at the start and after each run (`alignmix_jax.claims_table`):
+time at the start and after each run (`alignmix_jax.experiments.claims_table`):
 
-    python -m alignmix_jax.reproduce --protocol=cpu --data_dir=../shared/data/cifar10-jpeg \
-        --workdir=runs/cpu
+    python -m alignmix_jax.experiments.reproduce --protocol=cpu \
+        --data_dir=../shared/data/cifar10-jpeg --workdir=runs/cpu
 
 This is not the paper's protocol (2000 epochs on the full training set): it compares the
 methods on the same small budget, where the ranking may well differ from the paper's. The
-runs and the table are `alignmix_jax.reproduction_runs`; this module is the command.
+runs and the table are `alignmix_jax.experiments.reproduction_runs`; this module is the command.
 """
 
 import os
 
 from absl import app, flags, logging
 
-from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
+from alignmix_jax.runtime.command_line import hide_library_info, one_line_errors, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', None, 'The CIFAR-10 image folder (DIR/{train,test}/<class>/).')
@@ -51,8 +52,9 @@ flags.mark_flags_as_required(['data_dir', 'workdir'])
 flags.DEFINE_list('methods', None, 'Methods of configs/methods.py to run (default: all).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; each method is trained once per seed.')
 flags.DEFINE_enum('ablation', None, ['alignment'],
-                  'Train the ablation of alignment (alignmix_jax/alignment_ablation.py) instead '
-                  'of the methods; --methods then names its conditions.')
+                  'Train the ablation of alignment '
+                  '(alignmix_jax/experiments/alignment_ablation.py) instead of the '
+                  'methods; --methods then names its conditions.')
 flags.DEFINE_string('backbone', 'preact_resnet18',
                     'The network of every run: a backbone of configs/backbones.py.')
 flags.DEFINE_enum('protocol', 'mini', ['mini', 'cpu'],
@@ -105,8 +107,8 @@ def main(argv):
         return config
 
     command = _command('', chosen)
-    from alignmix_jax import config_checks
-    from alignmix_jax.reproduction_runs import run_all
+    from alignmix_jax.experiments.reproduction_runs import run_all
+    from alignmix_jax.settings import config_checks
     with one_line_errors():
         for method in chosen:  # every run's settings, before the first run trains
             config_checks.validate(make_config(method), num_devices=jax.device_count())
@@ -117,7 +119,7 @@ def main(argv):
 
 def _command(options: str, names) -> str:
     """The command line that reproduces this one, for the tables."""
-    command = (f'python -m alignmix_jax.reproduce{options} --data_dir={FLAGS.data_dir} '
+    command = (f'python -m alignmix_jax.experiments.reproduce{options} --data_dir={FLAGS.data_dir} '
                f'--workdir={FLAGS.workdir}')
     if FLAGS.methods:
         command += f' --methods={",".join(names)}'
@@ -130,10 +132,11 @@ def _command(options: str, names) -> str:
 
 def _claims_table(seeds):
     """`--protocol=cpu`: the methods of configs/cpu_protocol.py (or --methods) on its budget,
-    trained and evaluated by alignmix_jax.claims_table."""
+    trained and evaluated by alignmix_jax.experiments.claims_table."""
     import jax
 
-    from alignmix_jax import claims_table, config_checks
+    from alignmix_jax.experiments import claims_table
+    from alignmix_jax.settings import config_checks
     from configs import cpu_protocol
 
     def make_config(method):
@@ -154,7 +157,8 @@ def _claims_table(seeds):
 def _alignment_ablation(seeds):
     import jax
 
-    from alignmix_jax import alignment_ablation, config_checks
+    from alignmix_jax.experiments import alignment_ablation
+    from alignmix_jax.settings import config_checks
 
     def make_config(condition):
         return alignment_ablation.make_config(condition, backbone=FLAGS.backbone,

@@ -57,6 +57,11 @@ ENCODER_STAGES = {
 }
 # config.model.dtype: the network's computation dtype (models.DTYPES maps it to JAX's).
 DTYPES = ('float32', 'bfloat16')
+
+# The evaluation kinds, each the module alignmix_jax.evaluation.<kind> with its `Evaluator`
+# class (config.train.evals names them); add a new kind here.
+EVALUATION_KINDS = ('classification', 'robustness', 'calibration', 'ood', 'localization',
+                    'correspondence')
 # config.model.decoder: no decoder (AlignMixup), a vanilla or a variational autoencoder.
 DECODER_TYPES = ('none', 'ae', 'vae')
 # config.model.init: 'torchvision', each layer's own initialiser (the convolutions' kaiming

@@ -1,7 +1,7 @@
 """The side-by-side run: the PyTorch transcription of the public CIFAR code trained end to end
 beside this project's trainer, on the same images, one method and seed per call.
 
-    python -m alignmix_jax.parity_run --method=input --seed=0 \\
+    python -m alignmix_jax.pytorch.parity_run --method=input --seed=0 \\
         --data_dir=../shared/data/cifar10-jpeg --output=runs/parity/input_seed0.json
 
 The protocol (short, for a CPU): a class-balanced subset of `train_images` training images,
@@ -14,7 +14,7 @@ batch) and 'alignmix' (the public mode draw: input mixup with probability 1/2, e
 feature mixup in one of its two directions; our `alignmix_public`).
 
 The two sides are independent runs, each with its own randomness:
-- torch (`alignmix_jax.torch_reference.train_step`): its own shuffling, crops, flips,
+- torch (`alignmix_jax.pytorch.torch_reference.train_step`): its own shuffling, crops, flips,
   permutations, lambdas and mode draws from the seed (torch and NumPy generators), and, as the
   public DataLoader (drop_last False), the last partial batch of every epoch;
 - ours: `train.train_and_evaluate` with `configs/mini_reproduction.py` set to the same
@@ -34,8 +34,10 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from alignmix_jax import data, torch_reference, train
+from alignmix_jax import data
 from alignmix_jax.data.common import class_balanced_subset
+from alignmix_jax.pytorch import torch_reference
+from alignmix_jax.training import train
 from configs import mini_reproduction
 
 METHODS = {'none': 'baseline', 'input': 'input_mixup', 'alignmix': 'alignmix_public'}

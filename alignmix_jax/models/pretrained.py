@@ -2,7 +2,7 @@
 
 `OUTPUT/variables.npz` holds the Flax variables {'params', 'batch_stats'} as flat
 'collection/module/.../name' arrays; `OUTPUT/conversion.json` says where they came from
-(`alignmix_jax.convert_torchvision` writes both). `load_pretrained` puts them into a fresh
+(`alignmix_jax.pytorch.convert_torchvision` writes both). `load_pretrained` puts them into a fresh
 train state (`--config.model.pretrained=OUTPUT`). A plain .npz, not an orbax checkpoint: it is
 read once, into a state initialised from the config, on any number of devices or hosts.
 """
@@ -59,7 +59,7 @@ def load_converted(path: str) -> dict:
     file = os.path.join(path, VARIABLES_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f'no converted weights at {path}: write them with `python -m '
-                                f'alignmix_jax.convert_torchvision --arch=resnet50|vgg16 '
+                                f'alignmix_jax.pytorch.convert_torchvision --arch=resnet50|vgg16 '
                                 f'--state_dict=FILE.pth --output={path}`')
     with np.load(file, allow_pickle=False) as archive:
         return unflatten({name: archive[name] for name in archive.files})

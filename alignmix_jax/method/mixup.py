@@ -14,7 +14,7 @@ The comparison methods of the paper's Table 1 are modes too, drawn the same way:
 'none' (the baseline: clean images, hard labels), 'cutmix' (Yun et al., 2019: `cutmix`), and
 'hidden1', 'hidden2', 'hidden3' (mix the output of stage k of F, `hidden_stage`): manifold
 mixup (Verma et al., 2019) draws among 'input' and hidden stages. (The losses, among them the
-optional SimCLR term on two augmented views, are in `alignmix_jax.losses`.)
+optional SimCLR term on two augmented views, are in `alignmix_jax.method.losses`.)
 
 A transformer's representations are tokens rather than one tensor: a pair (grid, class token),
 the patch tokens at their grid positions (b, h, w, c) and the class token (b, c) or None
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignmix_jax import alignment
-from alignmix_jax.config_choices import (  # noqa: F401
+from alignmix_jax.method import alignment
+from alignmix_jax.settings.config_choices import (  # noqa: F401
     ALL_MODES,
     BASELINE_MODES,
     CLEAN_MODE,

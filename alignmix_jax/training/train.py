@@ -2,25 +2,26 @@
 
 `train_and_evaluate(config, workdir)` trains a classifier with the mixup modes of Algorithm 1,
 evaluates it on the whole test split periodically, writes metrics to the console,
-`workdir/metrics.jsonl` and TensorBoard (`alignmix_jax.metric_log`), checkpoints to
+`workdir/metrics.jsonl` and TensorBoard (`alignmix_jax.runtime.metric_log`), checkpoints to
 `workdir/checkpoints`, and resumes from the latest checkpoint there.
 
 The step itself (the state, the optimizer, the forward pass of each mode, the data-parallel
-step, the frozen parameter groups) is `alignmix_jax.train_step`; this module is the loop around
-it: the data, the mode drawn per step, logging, the test evaluation (the classification
+step, the frozen parameter groups) is `alignmix_jax.training.train_step`; this module is the loop
+around it: the data, the mode drawn per step, logging, the test evaluation (the classification
 evaluator of `alignmix_jax.evaluation`, so the loop and the evaluation command print one
 figure), the evaluations of `config.train.evals`, checkpoints and the stop on divergence. The
 step's metrics stay on the device until the loop fetches them every `log_every_steps`.
 
-Divergence (issue 15, alignmix_jax/divergence.py): each step reports whether its new state and
+Divergence (alignmix_jax/training/divergence.py): each step reports whether its new state and
 metrics are finite with its metrics; every fetch checks the steps since the last one for a
 non-finite value or an exploding loss, and a fetch comes before every checkpoint. A divergence
 stops the run before it saves, so no non-finite state is ever written and the rotation
 (`keep_checkpoints`) deletes nothing: the newest checkpoint is the last finite one.
 
-SIGTERM or SIGINT ends the run after the step in progress, saved (alignmix_jax/preemption.py);
-a failed asynchronous save stops it at the next step (`checkpointing.check_saves`); a restart
-continues only a run of the same settings (alignmix_jax/run_config.py).
+SIGTERM or SIGINT ends the run after the step in progress, saved
+(alignmix_jax/runtime/preemption.py); a failed asynchronous save stops it at the next step
+(`checkpointing.check_saves`); a restart continues only a run of the same settings
+(alignmix_jax/runtime/run_config.py).
 """
 
 import contextlib
@@ -34,25 +35,23 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from alignmix_jax import (
-    augmentation,
+from alignmix_jax import data, evaluation
+from alignmix_jax.data import augmentation
+from alignmix_jax.evaluation import classification
+from alignmix_jax.evaluation import common as evaluation_common
+from alignmix_jax.method import mixup
+from alignmix_jax.models import encoder_stages
+from alignmix_jax.runtime import (
     checkpointing,
-    config_checks,
-    data,
-    divergence,
-    evaluation,
-    inert_alignment,
     metric_log,
-    mixup,
     preemption,
     run_config,
     sharding,
     workdir_lock,
 )
-from alignmix_jax.evaluation import classification
-from alignmix_jax.evaluation import common as evaluation_common
-from alignmix_jax.models import encoder_stages
-from alignmix_jax.train_step import (
+from alignmix_jax.settings import config_checks
+from alignmix_jax.training import divergence, inert_alignment
+from alignmix_jax.training.train_step import (
     build_training_model,
     create_train_state,
     make_optimizer,
@@ -136,9 +135,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics.
 
     `dataset`: the data, already loaded by `data.load_dataset(config.dataset)`, for
-    callers that train several runs on the same data (alignmix_jax/reproduce.py); None loads it.
-    The settings are checked first; the run holds the workdir's lock (one run per workdir) and
-    continues only a run of the same settings (alignmix_jax/run_config.py).
+    callers that train several runs on the same data (alignmix_jax/experiments/reproduce.py); None
+    loads it. The settings are checked first; the run holds the workdir's lock (one run per workdir)
+    and continues only a run of the same settings (alignmix_jax/runtime/run_config.py).
     """
     config_checks.validate(config, num_devices=jax.device_count())
     with workdir_lock.hold(workdir, jax.process_index()):
@@ -199,7 +198,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = dataset.train_batches(train_config.batch_size, seed=config.seed,
                                     start_step=start_step, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    if start_step == 0:  # before the first step, with the initial model (issue 14)
+    if start_step == 0:  # before the first step, with the initial model
         first_batch = next(batches)
         effect = inert_alignment.check_alignment_acts(
             config, model, {'params': state.params, 'batch_stats': state.batch_stats},
@@ -234,7 +233,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         logging.info('The checkpoint is at the last step (%d); evaluating it.', start_step)
     start_time = time.time()
-    # SIGTERM or SIGINT: the step in progress ends the run, saved (alignmix_jax/preemption.py).
+    # SIGTERM or SIGINT: the step in progress ends the run, saved
+    # (alignmix_jax/runtime/preemption.py).
     with (preemption.StopOnSignal() as stop, _wait_for_saves(manager),
           contextlib.closing(writer)):
         for step in range(start_step + 1, total_steps + 1):

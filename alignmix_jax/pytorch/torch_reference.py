@@ -43,7 +43,7 @@ def _torch():
     try:
         import torch
     except ImportError as error:
-        raise ImportError('alignmix_jax.torch_reference needs PyTorch: pip install torch '
+        raise ImportError('alignmix_jax.pytorch.torch_reference needs PyTorch: pip install torch '
                           '(the CPU build is enough)') from error
     return torch
 

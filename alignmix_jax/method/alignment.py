@@ -35,7 +35,7 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
-from alignmix_jax.config_choices import COST_SCALES
+from alignmix_jax.settings.config_choices import COST_SCALES
 
 # A threshold no marginal error can fall below. With min_iterations == max_iterations ott runs a
 # fixed-length scan and never consults it; it is negative so that would stay true if it did.

@@ -1,7 +1,8 @@
-"""The ablation of alignment (issue 14, item 4), run by `reproduce --ablation=alignment`:
+"""The ablation of alignment (the paper's Table 8, aligned vs unaligned), run by `reproduce
+--ablation=alignment`:
 
-    python -m alignmix_jax.reproduce --ablation=alignment --data_dir=../shared/data/cifar10-jpeg \\
-        --workdir=runs/ablation
+    python -m alignmix_jax.experiments.reproduce --ablation=alignment \\
+        --data_dir=../shared/data/cifar10-jpeg --workdir=runs/ablation
 
 AlignMix on the mini-reproduction's budget (configs/mini_reproduction.py), each seed, in every
 combination of
@@ -71,7 +72,7 @@ def make_config(condition: str, *, backbone: str = 'preact_resnet18', data_dir: 
 def run_means(directory: str) -> dict:
     """The mean of each of FIGURES over the logged intervals of the run in `directory`
     (None where it logged none: alignment off)."""
-    from alignmix_jax import reproduction_runs
+    from alignmix_jax.experiments import reproduction_runs
     logged = reproduction_runs.logged_scalars(directory, [f'train/{figure}' for figure in FIGURES])
     return {figure: (statistics.fmean(logged[f'train/{figure}'].values())
                      if logged[f'train/{figure}'] else None)
@@ -80,7 +81,7 @@ def run_means(directory: str) -> dict:
 
 def summarize(workdir: str, runs: dict) -> dict:
     """{condition: [(seed, result)]} -> per condition: accuracies and the mean figures."""
-    from alignmix_jax import reproduction_runs
+    from alignmix_jax.experiments import reproduction_runs
     summary = {}
     for condition, seed_results in runs.items():
         final = [result['final_test_accuracy'] for _, result in seed_results]
@@ -123,7 +124,7 @@ def run_ablation(make_run_config, names: Sequence[str], seeds: Sequence[int], wo
                  command: str) -> dict:
     """Trains the conditions `names` (see `make_config`; `make_run_config(condition)` gives
     each run's config) and writes WORKDIR/ablation.md and ablation.json; returns the summary."""
-    from alignmix_jax import reproduction_runs
+    from alignmix_jax.experiments import reproduction_runs
     runs = {}
 
     def write_table(condition, seed):

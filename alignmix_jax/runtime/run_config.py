@@ -30,7 +30,7 @@ import os
 import ml_collections
 import orbax.checkpoint as ocp
 
-from alignmix_jax import checkpointing
+from alignmix_jax.runtime import checkpointing
 
 CONFIG_FILE = 'config.json'
 

@@ -18,7 +18,7 @@ import traceback
 
 from absl import flags, logging
 
-from alignmix_jax.output_dirs import describe_os_error
+from alignmix_jax.runtime.output_dirs import describe_os_error
 
 # Where the config files are: the repository's configs/ folder, which is not part of the
 # installed package (its files import each other as `configs.<name>`).
@@ -168,9 +168,9 @@ def _message(record: python_logging.LogRecord) -> str:
 
 
 # The user-error classes beside ValueError: (module, class name).
-_USER_ERROR_CLASSES = (('alignmix_jax.checkpointing', 'CheckpointError'),
+_USER_ERROR_CLASSES = (('alignmix_jax.runtime.checkpointing', 'CheckpointError'),
                        ('alignmix_jax.data.common', 'DatasetError'),
-                       ('alignmix_jax.workdir_lock', 'WorkdirLockedError'))
+                       ('alignmix_jax.runtime.workdir_lock', 'WorkdirLockedError'))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -198,7 +198,7 @@ def one_line_errors():
     try:
         yield
     except Exception as error:
-        preempted = getattr(sys.modules.get('alignmix_jax.preemption'), 'Preempted', ())
+        preempted = getattr(sys.modules.get('alignmix_jax.runtime.preemption'), 'Preempted', ())
         if preempted and isinstance(error, preempted):  # saved; the same command resumes
             print(error, file=sys.stderr)
             raise SystemExit(error.exit_code) from None

@@ -1,6 +1,6 @@
 """What alignment changes in a feature-mode step: `train/alignment_effect`, measured on a model.
 
-The effect of a step (issue 14) is `mixup.alignment_effect(e_aligned, e_unaligned)`: e_aligned
+The effect of a step is `mixup.alignment_effect(e_aligned, e_unaligned)`: e_aligned
 is the step's own embedding, f of the pair mixed with alignment (Eq. 12 or 13), e_unaligned is
 f of the same pair mixed without it, same lambda. It is the one figure that tells a run whose
 alignment acts from one where aligned mixing is exactly mixing the pooled features (an f that
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from alignmix_jax import mixup
+from alignmix_jax.method import mixup
 
-# Measured (issue 14): behind inert heads at most 2.6e-5 (float rounding through the BatchNorm
+# Measured: behind inert heads at most 2.6e-5 (float rounding through the BatchNorm
 # statistics of F), behind live ones at least 0.11 on an initial model.
 INERT_THRESHOLD = 1e-3
 

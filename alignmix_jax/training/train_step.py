@@ -33,18 +33,12 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from alignmix_jax import (
-    alignment,
-    augmentation,
-    divergence,
-    losses,
-    mixup,
-    mode_forward,
-    models,
-    pretrained,
-    sharding,
-)
-from alignmix_jax.models import build_model_for_dataset
+from alignmix_jax import models
+from alignmix_jax.data import augmentation
+from alignmix_jax.method import alignment, losses, mixup
+from alignmix_jax.models import build_model_for_dataset, pretrained
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import divergence, mode_forward
 
 
 class TrainState(train_state.TrainState):
@@ -235,7 +229,7 @@ def train_step(state: TrainState, images, labels, *, mode: str, model,
     grads, batch_stats, step_metrics = jax.lax.pmean((grads, batch_stats, step_metrics),
                                                      sharding.DATA_AXIS)
     new_state = apply_gradients(state, grads, batch_stats, frozen_groups(mode, state.params))
-    # Issue 15: one fused reduction on the device, fetched with the metrics, so the loop can
+    # One fused reduction on the device, fetched with the metrics, so the loop can
     # refuse to checkpoint a state that became non-finite.
     step_metrics[divergence.STATE_FINITE] = divergence.all_finite(
         new_state.params, new_state.batch_stats, step_metrics)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignmix_jax import alignment_effect, losses, mixup
+from alignmix_jax.method import losses, mixup
+from alignmix_jax.training import alignment_effect
 
 
 def train_stage(model, params, method, inputs, batch_stats, **kwargs):

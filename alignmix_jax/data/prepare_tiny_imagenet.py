@@ -1,6 +1,6 @@
 """Turns the official Tiny-ImageNet-200 archive into the image-folder layout the trainer reads.
 
-    python -m alignmix_jax.prepare_tiny_imagenet --source=PATH/tiny-imagenet-200 --output=OUT
+    python -m alignmix_jax.data.prepare_tiny_imagenet --source=PATH/tiny-imagenet-200 --output=OUT
     python -m alignmix_jax.main --config=configs/tiny_imagenet.py \
         --config.dataset.data_dir=OUT --workdir=runs/tiny_imagenet_r18
 

@@ -1,4 +1,4 @@
-"""The start-up refusal of runs whose alignment changes nothing (issue 14, item 2).
+"""The start-up refusal of runs whose alignment changes nothing.
 
 Behind an f that averages A linearly before anything nonlinear (global average pooling, then
 linear layers: the public code's head), the columns of R sum to one, so the spatial mean of
@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignmix_jax import alignment_effect, augmentation, mixup, mode_forward
+from alignmix_jax.data import augmentation
+from alignmix_jax.method import mixup
+from alignmix_jax.training import alignment_effect, mode_forward
 
 # Enough pairs to measure f's response; fewer than a large run's batch, so the check is cheap.
 _CHECK_EXAMPLES = 16
