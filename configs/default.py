@@ -145,7 +145,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.cutmix_probability = 0.0
     # CutMix's own lambda ~ Beta(cutmix_alpha, cutmix_alpha) in those batches (None: alpha).
     config.mixup.cutmix_alpha = config_dict.placeholder(float)
-    # The options of timm.data.Mixup, off or neutral by default (README: "Mixup options").
+    # The options of timm.data.Mixup, off or neutral by default (docs/configuration.md, "Mixup
+    # options").
     # Smoothing s of the labels before they are mixed: 1 - s + s/k on the class, s/k
     # elsewhere (timm's label_smoothing).
     config.mixup.label_smoothing = 0.0

@@ -4,8 +4,8 @@
 
 5,000 training and 1,000 test images (alignmix_jax/data/demo), a quarter-width
 PreActResNet18 and a short step schedule; everything else as in the paper (all four mixup
-modes, aligned, Sinkhorn eps 0.1 for 100 iterations). See the README for the time it takes
-and the test accuracy it reaches.
+modes, aligned, Sinkhorn eps 0.1 for 100 iterations). docs/results.md gives the time it
+takes and the test accuracy it reaches on the CPUs measured.
 
 AlignMixup/AE, with the decoder, so that the pictures of alignmix_jax/experiments/visualize.py can
 be drawn from it (`:ae` after the file name selects it):

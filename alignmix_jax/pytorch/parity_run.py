@@ -21,7 +21,7 @@ The two sides are independent runs, each with its own randomness:
   protocol (which drops the partial batch, as our loop always does).
 
 A script of the package rather than a test: it trains for minutes and writes figures (its
-JSON) that the README's table reports; it is no check that passes or fails on its own.
+JSON) that docs/parity.md's tables report; it is no check that passes or fails on its own.
 """
 
 import dataclasses

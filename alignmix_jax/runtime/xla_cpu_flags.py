@@ -9,7 +9,7 @@ at 64 channels, forward 116 against 54 ms and kernel gradient 342 against 100 ms
 work (BatchNorm's normalisation, ReLU and their gradients) runs in YNNPACK's kernels instead
 (`+eltwise`, off by default). The demo's training step: 524 ms with jaxlib's defaults, 389 ms
 with Eigen's convolutions, 357 ms with both changes; the full-width PreActResNet18's: 5,951 ->
-3,687 ms (README, "Speed: the benchmark command", for the commands and the side-by-side
+3,687 ms (docs/performance.md, "The CPU settings", for the commands and the side-by-side
 figures against PyTorch). Results change only by floating-point reassociation.
 
 XLA reads XLA_FLAGS once, when JAX starts its CPU backend (the first computation), so this
