@@ -59,13 +59,7 @@ def label_grids(labels):
 @pytest.mark.parametrize('prime_plan', ['fresh', 'reuse'])
 @pytest.mark.parametrize('mode', ['feature', 'feature_prime', 'embedding_tensor',
                                   'embedding_tensor_prime'])
-def test_each_aligned_mode_trains_on_the_labels_of_what_it_mixed(mode, prime_plan, sinkhorn,
-                                                                request):
-    if mode == 'embedding_tensor_prime' and prime_plan == 'reuse':
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="the E branch ignores prime_plan: it mixes the swapped pair (E', E~') while "
-                   "the targets keep (y, y') for the reused plan"))
+def test_each_aligned_mode_trains_on_the_labels_of_what_it_mixed(mode, prime_plan, sinkhorn):
     mixup_config = default.get_config().mixup
     mixup_config.prime_plan = prime_plan
     mixup_config.sinkhorn = sinkhorn
@@ -75,11 +69,14 @@ def test_each_aligned_mode_trains_on_the_labels_of_what_it_mixed(mode, prime_pla
     model = LabelGrid()
     variables = model.init(jax.random.PRNGKey(0), images, train=False, method='features')
     for lam in (jnp.float32(0.3), jnp.linspace(0.1, 0.9, 6, dtype=jnp.float32)):
-        result = mode_forward.mixed_forward(
+        forward = mode_forward.mixed_forward(
             mode, model, {}, variables['batch_stats'], images, one_hot, permutation, lam,
             mixup_config)
-        logits, targets = result[0], result[1]
+        logits, targets = forward.logits, forward.targets
         # The content: lambda on one image's label, 1 - lambda on its partner's (not 1/2).
         assert float(jnp.max(logits)) == pytest.approx(float(jnp.max(jnp.maximum(
             lam, 1 - lam))), abs=1e-5)
         np.testing.assert_allclose(targets, logits, atol=1e-5)
+        # Both tensors are aligned by the configured loop: r = 4 positions, one plan a pair.
+        assert forward.plan.shape == (6, GRID * GRID, GRID * GRID)
+        assert (forward.sinkhorn_iterations is not None) == (sinkhorn == 'public')
