@@ -132,8 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
     # train/sinkhorn_iterations).
     config.mixup.sinkhorn = 'paper'
     config.mixup.sinkhorn_threshold = 0.1
-    # feat' (Eq. 13): 'fresh', its own plan from A' to A (Algorithm 1); 'reuse', the plan of A
-    # to A' read backwards, A R mixed with A' (the public CIFAR code; mixup.align_and_mix).
+    # feat' (Eq. 13; embedding_tensor_prime alike on E): 'fresh', its own plan from A' to A
+    # (Algorithm 1); 'reuse', the plan of A to A' read backwards, A R mixed with A' on the
+    # sides of (y, y') (the public CIFAR code; mixup.align_and_mix).
     config.mixup.prime_plan = 'fresh'
     # Behind an f that averages A linearly (pooling, then linear layers), aligned mixing is
     # exactly mixing the pooled features; training refuses to start there (the effect is

@@ -92,15 +92,15 @@ def forward(mode, model, variables, images, one_hot, lam=0.3):
 
 def test_baseline_mode_leaves_inputs_and_labels_untouched(tiny_model_and_batch):
     model, variables, images, one_hot = tiny_model_and_batch
-    logits, targets, batch_stats, plan, lam, _ = forward('none', model, variables, images, one_hot)
-    np.testing.assert_array_equal(targets, one_hot)  # hard labels, not mixed
-    assert plan is None and lam is None
+    clean = forward('none', model, variables, images, one_hot)
+    np.testing.assert_array_equal(clean.targets, one_hot)  # hard labels, not mixed
+    assert clean.plan is None and clean.lam is None
     clean_logits, clean_updates = clean_forward(model, variables, images)
-    np.testing.assert_allclose(logits, clean_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(clean.logits, clean_logits, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 batch_stats, clean_updates['batch_stats'])
+                 clean.batch_stats, clean_updates['batch_stats'])
     # Any mixing mode would change the logits of the same batch.
-    mixed_logits = forward('input', model, variables, images, one_hot)[0]
+    mixed_logits = forward('input', model, variables, images, one_hot).logits
     assert float(jnp.max(jnp.abs(mixed_logits - clean_logits))) > 1e-3
 
 
@@ -117,8 +117,9 @@ def stage_of(path) -> int:
 def test_manifold_mixup_mixes_at_the_chosen_stage_only(tiny_model_and_batch, level):
     model, variables, images, one_hot = tiny_model_and_batch
     lam = 0.3
-    logits, targets, batch_stats, _, used_lam, _ = forward(f'hidden{level}', model, variables,
-                                                        images, one_hot, lam)
+    mixed = forward(f'hidden{level}', model, variables, images, one_hot, lam)
+    logits, targets, batch_stats, used_lam = (mixed.logits, mixed.targets, mixed.batch_stats,
+                                              mixed.lam)
     permutation = jnp.array([7, 0, 1, 2, 3, 4, 5, 6])
     np.testing.assert_allclose(targets, lam * one_hot + (1 - lam) * one_hot[permutation],
                                rtol=1e-6)

@@ -77,7 +77,8 @@ def test_the_step_trains_on_smoothed_per_example_targets_and_compiles_once(
                                             lambda_per='example')
     assert lam.shape == (16,)
     if mode == mixup.CUTMIX_MODE:  # each pair's lambda is the share of its own box left
-        lam = mixup.cutmix(jax.random.fold_in(device_key, 2), images, permutation, lam)[1]
+        box_key = jax.random.fold_in(device_key, train_step.CUTMIX_BOX_STREAM)
+        lam = mixup.cutmix(box_key, images, permutation, lam)[1]
     permutation, lam = np.asarray(permutation), np.asarray(lam)
     targets = expected_targets(mode, labels, demo_dataset.num_classes, permutation, lam)
     expected_loss = cross_entropy(seen_logits[0], targets)

@@ -176,8 +176,9 @@ def mix_features(features, permutation: jax.Array, lam: jax.Array, *,
 
 
 def targets_swapped(mode: str, prime_plan: str = 'fresh') -> bool:
-    """Whether `mode` mixes the swapped pair's targets (y', y): the swapped modes do, except
-    feat' with the public code's reused plan, which keeps A's label on the lambda side."""
+    """Whether `mode` mixes the swapped pair's targets (y', y): the swapped modes (feat' and
+    its tensor E twin) do, except with the public code's reused plan, which mixes A R with A'
+    and so keeps A's label on the lambda side."""
     return mode in SWAPPED_MODES and prime_plan == 'fresh'
 
 

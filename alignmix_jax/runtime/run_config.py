@@ -110,7 +110,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, ob
             f'{workdir} holds the checkpoints of another model or data: {_describe(fixed)} '
             f'(from {path}); resume with the values it was trained with, or start a new run '
             f'with another --workdir')
-    if changes and not config.train.get('allow_config_change', False):
+    if changes and not config.train.allow_config_change:
         raise ConfigChangedError(
             f'{workdir} holds a run started with other settings: {_describe(changes)} '
             f'(from {path}); resume with its values, start a new run with another '

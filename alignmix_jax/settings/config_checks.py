@@ -180,7 +180,7 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     """Model name, init, dtype and decoder; the mixup modes (validate_modes's own rules)."""
     model_config = config.model
     config_choices.check_model_name(model_config.name)  # one line naming the valid names
-    config_choices.check_init(model_config.get('init', 'torchvision'), model_config.name)
+    config_choices.check_init(model_config.init, model_config.name)
     if model_config.dtype not in config_choices.DTYPES:
         raise _fail('model.dtype', f'one of {", ".join(config_choices.DTYPES)}',
                     model_config.dtype)
@@ -198,14 +198,12 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
 
 def _check_mixup_options(mixup_config: ml_collections.ConfigDict) -> None:
     """timm's four options (label smoothing, probability, off epoch, lambda per), by
-    config_choices.check_options's own rules; a config made before they existed has their
-    neutral defaults."""
-    config_choices.check_options(label_smoothing=mixup_config.get('label_smoothing', 0.0),
-                                 probability=mixup_config.get('probability', 1.0),
-                                 off_epoch=mixup_config.get('off_epoch'),
-                                 lambda_per=mixup_config.get('lambda_per', 'batch'))
-    if mixup_config.get('sinkhorn') == 'public' and \
-            mixup_config.get('cost_scale', 'none') != 'none':
+    config_choices.check_options's own rules; the public Sinkhorn loop's unscaled cost."""
+    config_choices.check_options(label_smoothing=mixup_config.label_smoothing,
+                                 probability=mixup_config.probability,
+                                 off_epoch=mixup_config.off_epoch,
+                                 lambda_per=mixup_config.lambda_per)
+    if mixup_config.sinkhorn == 'public' and mixup_config.cost_scale != 'none':
         raise _fail('mixup.cost_scale', "'none' with config.mixup.sinkhorn='public' (the "
                     'public loop solves the unscaled cost)', mixup_config.cost_scale)
 
@@ -225,8 +223,8 @@ def _check_divisible(config: ml_collections.ConfigDict, num_devices: int) -> Non
     batch_sizes = [('train.batch_size', config.train.batch_size),
                    ('train.eval_batch_size', config.train.eval_batch_size)]
     batch_sizes += [(f'evals.{kind}.batch_size', options.batch_size)
-                    for kind, options in config.get('evals', {}).items()
-                    if options.get('batch_size')]  # 0: train.eval_batch_size
+                    for kind, options in config.evals.items()
+                    if options.batch_size]  # 0: train.eval_batch_size
     for path, batch_size in batch_sizes:
         if batch_size % num_devices:
             raise _fail(path, f'a multiple of the number of devices, {num_devices}', batch_size)

@@ -50,7 +50,7 @@ def startup_effect(config: ml_collections.ConfigDict, model, variables, images,
         return mode_forward.mixed_forward(
             mode, model, variables['params'], variables.get('batch_stats', {}), batch,
             jnp.zeros((size, model.num_classes), jnp.float32), permutation, jnp.float32(0.5),
-            config.mixup)[5]
+            config.mixup).alignment_effect
 
     return float(jax.jit(effect)(variables, batch))
 

@@ -2,16 +2,20 @@
 between the model's stages, the soft targets, and the updated BatchNorm statistics.
 
 `mixed_forward` composes Algorithm 1's modes (and the baselines') from `mixup`'s array
-functions and the model's stages F, f, g; `reconstruction_forward` is AlignMixup/AE's 'clean'
+functions and the model's stages F, f, g, and returns them by name (`MixedForward`); the
+aligned modes on A and on Table 8's tensor E share one path, so the Sinkhorn loop and feat''s
+plan options act on both alike. `reconstruction_forward` is AlignMixup/AE's 'clean'
 mode (Algorithm 1, lines 5-7); `contrastive_forward` the optional NT-Xent term. The gradients,
 the optimizer and the sharded step are `train_step`'s.
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from alignmix_jax.method import losses, mixup
 from alignmix_jax.training import alignment_effect
@@ -24,24 +28,43 @@ def train_stage(model, params, method, inputs, batch_stats, **kwargs):
     return outputs, updates['batch_stats']
 
 
-def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
-                   mixup_config, box_key=None):
-    """Logits, soft targets, updated BatchNorm statistics, the plan (or None; with
-    `mixup.sinkhorn='public'` the pair (plan, iterations run)), the lambda the targets were
-    mixed with (None for 'none') and, in the aligned feature and embedding-tensor modes,
-    `alignment_effect.measure`'s figure (else None) of one mode."""
+@struct.dataclass
+class MixedForward:
+    """What one mode's forward pass gives the step, by name (a pytree: it leaves the loss
+    function as its aux).
 
+    `lam` is the lambda the targets were mixed with (CutMix's area-corrected one; None for
+    'none'); `plan` the transport plans (b, r, r) of an aligned mode (None otherwise, or with
+    `mixup.align` False); `sinkhorn_iterations` the public loop's iteration count (None with
+    the paper's fixed count); `alignment_effect` `alignment_effect.measure`'s figure of an
+    aligned mode (else None).
+    """
+    logits: jax.Array
+    targets: jax.Array
+    batch_stats: Any
+    lam: jax.Array | None = None
+    plan: jax.Array | None = None
+    sinkhorn_iterations: jax.Array | None = None
+    alignment_effect: jax.Array | None = None
+
+
+def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
+                  mixup_config, box_key=None) -> MixedForward:
+    """The logits, soft targets and updated BatchNorm statistics of one mode (`MixedForward`).
+
+    `mixup_config` is config.mixup; `box_key` draws CutMix's box (read in 'cutmix' only).
+    """
     stage = functools.partial(train_stage, model, params)
 
-    plan = iterations = effect = None
-    prime_plan = mixup_config.get('prime_plan', 'fresh')
-    swap = mode in mixup.SWAPPED_MODES
     if mode == mixup.NO_MIXUP_MODE:
         # The baseline: e = f(F(x)) and the hard labels, through the same loss.
         features, batch_stats = stage('features', images, batch_stats)
         embedding, batch_stats = stage('embed', features, batch_stats)
         logits = model.apply({'params': params}, embedding, method='classify')
-        return logits, one_hot, batch_stats, None, None, None
+        return MixedForward(logits=logits, targets=one_hot, batch_stats=batch_stats)
+    if mode in mixup.FEATURE_MODES + mixup.TENSOR_EMBEDDING_MODES:
+        return _aligned_forward(mode, model, params, batch_stats, images, one_hot, permutation,
+                                lam, mixup_config)
     if mode == mixup.CUTMIX_MODE:
         # Yun et al. (2019): a box of x' in x; lambda becomes the share of x left visible.
         mixed_images, lam = mixup.cutmix(box_key, images, permutation, lam)
@@ -65,41 +88,44 @@ def mixed_forward(mode, model, params, batch_stats, images, one_hot, permutation
         features, batch_stats = stage('features', images, batch_stats)
         embedding, batch_stats = stage('embed', features, batch_stats)
         embedding = mixup.mix(*mixup.pair(embedding, permutation), lam)
-    elif mode in mixup.FEATURE_MODES:
-        # Eq. (12) or (13): e = f(mix(A, A~)), A~ the anchor aligned to its partner.
-        features, batch_stats = stage('features', images, batch_stats)
-        mixed_features, plan, iterations = mixup.align_and_mix(
-            features, permutation, lam, swap=swap, align=mixup_config.align,
-            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
-            cost_scale=mixup_config.cost_scale, sinkhorn=mixup_config.get('sinkhorn', 'paper'),
-            prime_plan=prime_plan, threshold=mixup_config.get('sinkhorn_threshold', 0.1))
-        feature_stats = batch_stats
-        embedding, batch_stats = stage('embed', mixed_features, batch_stats)
-        if plan is not None:
-            effect = alignment_effect.measure(
-                mode, model, params, feature_stats, features, permutation, lam, mixed_features,
-                embedding, swap=mixup.targets_swapped(mode, prime_plan))
-    elif mode in mixup.TENSOR_EMBEDDING_MODES:
-        # Table 8's E: Eq. (12) or (13) on E = conv(A) instead of A, then e = E flattened.
-        features, batch_stats = stage('features', images, batch_stats)
-        tensor, batch_stats = stage('embed_to_tensor', features, batch_stats)
-        mixed_tensor, plan = mixup.mix_features(
-            tensor, permutation, lam, swap=swap, align=mixup_config.align,
-            epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
-            cost_scale=mixup_config.cost_scale)
-        embedding = model.apply({'params': params}, mixed_tensor, method='flatten_embedding')
-        if plan is not None:
-            effect = alignment_effect.measure(mode, model, params, batch_stats, tensor,
-                                              permutation, lam, mixed_tensor, embedding,
-                                              swap=swap)
     else:
         raise ValueError(f'unknown mixup mode {mode!r}; expected one of {mixup.ALL_MODES}')
     logits = model.apply({'params': params}, embedding, method='classify')
-    targets = mixup.mixed_targets(one_hot, permutation, lam,
-                                  swap=mixup.targets_swapped(mode, prime_plan))
-    if iterations is not None:  # the public loop's iteration count, logged by the step
-        plan = (plan, iterations)
-    return logits, targets, batch_stats, plan, lam, effect
+    return MixedForward(logits=logits, targets=mixup.mixed_targets(one_hot, permutation, lam),
+                        batch_stats=batch_stats, lam=lam)
+
+
+def _aligned_forward(mode, model, params, batch_stats, images, one_hot, permutation, lam,
+                     mixup_config) -> MixedForward:
+    """The aligned modes: Eq. (12) or (13) on A (feat, feat'), or on Table 8's tensor E =
+    conv(A) (embedding_tensor, embedding_tensor_prime), with the same options for both: the
+    Sinkhorn loop, feat''s plan, and the targets of the pair as it was mixed."""
+    stage = functools.partial(train_stage, model, params)
+    features, batch_stats = stage('features', images, batch_stats)
+    on_tensor = mode in mixup.TENSOR_EMBEDDING_MODES
+    if on_tensor:
+        features, batch_stats = stage('embed_to_tensor', features, batch_stats)
+    mixed, plan, iterations = mixup.align_and_mix(
+        features, permutation, lam, swap=mode in mixup.SWAPPED_MODES, align=mixup_config.align,
+        epsilon=mixup_config.epsilon, num_iters=mixup_config.sinkhorn_iters,
+        cost_scale=mixup_config.cost_scale, sinkhorn=mixup_config.sinkhorn,
+        prime_plan=mixup_config.prime_plan, threshold=mixup_config.sinkhorn_threshold)
+    # What f was applied with: the alignment effect's unaligned forward of f uses it too.
+    f_stats = batch_stats
+    if on_tensor:  # e = E flattened: no stage of its own between the mixing and e
+        embedding = model.apply({'params': params}, mixed, method='flatten_embedding')
+    else:
+        embedding, batch_stats = stage('embed', mixed, batch_stats)
+    # The reused plan mixes A R with A' on the sides of (A, A'); Eq. (13) the swapped pair.
+    swapped = mixup.targets_swapped(mode, mixup_config.prime_plan)
+    effect = None
+    if plan is not None:
+        effect = alignment_effect.measure(mode, model, params, f_stats, features, permutation,
+                                          lam, mixed, embedding, swap=swapped)
+    logits = model.apply({'params': params}, embedding, method='classify')
+    targets = mixup.mixed_targets(one_hot, permutation, lam, swap=swapped)
+    return MixedForward(logits=logits, targets=targets, batch_stats=batch_stats, lam=lam,
+                        plan=plan, sinkhorn_iterations=iterations, alignment_effect=effect)
 
 
 def reconstruction_forward(model, params, batch_stats, images, noise_key, kl_weight):

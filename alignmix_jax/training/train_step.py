@@ -40,6 +40,13 @@ from alignmix_jax.models import build_model_for_dataset, pretrained
 from alignmix_jax.runtime import sharding
 from alignmix_jax.training import divergence, mode_forward
 
+# The streams folded into a device's key (the run's key folded in by step, then by device
+# index) for the draws beside the augmentation and the pairing (its two halves): each has a
+# key of its own, so turning one on leaves the others' draws as they were.
+VAE_NOISE_STREAM = 1  # the VAE's sampling noise in 'clean'
+CUTMIX_BOX_STREAM = 2  # CutMix's box
+CONTRASTIVE_VIEW_STREAMS = (3, 4)  # the NT-Xent term's two augmented views
+
 
 class TrainState(train_state.TrainState):
     batch_stats: Any
@@ -70,7 +77,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
     # Top-level parameter group -> its own base learning rate, where one is set.
     own_rates = {name: rate for name, rate in (
         ('classifier', train_config.classifier_learning_rate),
-        ('decoder', train_config.get('decoder_learning_rate'))) if rate is not None}
+        ('decoder', train_config.decoder_learning_rate)) if rate is not None}
     if own_rates:
         def parameter_groups(params):
             return {name: jax.tree.map(
@@ -156,8 +163,7 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
                                             lambda_per=config.mixup.lambda_per)
 
     if mode == mixup.CLEAN_MODE:
-        # The VAE's sampling noise: a key of its own, so the other draws stay as they were.
-        noise_key = jax.random.fold_in(device_key, 1)
+        noise_key = jax.random.fold_in(device_key, VAE_NOISE_STREAM)
 
         def reconstruction_loss_fn(params):
             loss, batch_stats, step_metrics = mode_forward.reconstruction_forward(
@@ -168,50 +174,48 @@ def device_gradients(state: TrainState, images, labels, device_index, *, mode: s
         (_, (batch_stats, step_metrics)), grads = grad_fn(state.params)
         return grads, batch_stats, step_metrics
 
-    # CutMix's box: a key of its own, so the other draws stay as they were.
-    box_key = jax.random.fold_in(device_key, 2)
+    box_key = jax.random.fold_in(device_key, CUTMIX_BOX_STREAM)
 
     contrastive_weight = config.train.contrastive_weight
     views = None
     if contrastive_weight > 0:
-        # The NT-Xent term's two views: two more augmentations of the same images, each with
-        # a key of its own, stacked into one batch.
+        # The NT-Xent term's two views: two more augmentations of the same images, stacked
+        # into one batch.
         views = augmentation.normalize(jnp.concatenate([
-            augment(jax.random.fold_in(device_key, 3 + view), raw_images) for view in (0, 1)]),
+            augment(jax.random.fold_in(device_key, stream), raw_images)
+            for stream in CONTRASTIVE_VIEW_STREAMS]),
             dataset_config.mean, dataset_config.std)
 
     def loss_fn(params):
-        logits, targets, batch_stats, plan, targets_lam, effect = mode_forward.mixed_forward(
-            mode, model, params, state.batch_stats, images, one_hot, permutation, lam,
-            config.mixup, box_key)
-        loss = jnp.mean(losses.soft_cross_entropy(logits, targets))  # Eq. (6)
+        forward = mode_forward.mixed_forward(mode, model, params, state.batch_stats, images,
+                                             one_hot, permutation, lam, config.mixup, box_key)
+        loss = jnp.mean(losses.soft_cross_entropy(forward.logits, forward.targets))  # Eq. (6)
         contrastive_loss = None
+        batch_stats = forward.batch_stats
         if contrastive_weight > 0:
             contrastive_loss, batch_stats = mode_forward.contrastive_forward(
                 model, params, batch_stats, views, config.train.contrastive_temperature)
             loss = loss + contrastive_weight * contrastive_loss
-        return loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss, effect)
+        return loss, (forward.replace(batch_stats=batch_stats), contrastive_loss)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, targets, batch_stats, plan, targets_lam, contrastive_loss, effect)), \
-        grads = grad_fn(state.params)
+    (loss, (forward, contrastive_loss)), grads = grad_fn(state.params)
     step_metrics = {
         'loss': loss,
         # Agreement with the label that carries the larger weight of the mixed target.
-        'accuracy': jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
+        'accuracy': jnp.mean(jnp.argmax(forward.logits, -1) == jnp.argmax(forward.targets, -1)),
     }
-    if targets_lam is not None:  # CutMix's is the area-corrected one; 'none' mixes nothing
-        step_metrics['lambda'] = jnp.mean(targets_lam)  # one per pair: their batch mean
-    if isinstance(plan, tuple):  # the public Sinkhorn loop: (plan, iterations)
-        plan, iterations = plan
-        step_metrics['sinkhorn_iterations'] = iterations.astype(jnp.float32)
-    if plan is not None:
-        step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(plan))
-    if effect is not None:
-        step_metrics['alignment_effect'] = effect
+    if forward.lam is not None:  # CutMix's is the area-corrected one; 'none' mixes nothing
+        step_metrics['lambda'] = jnp.mean(forward.lam)  # one per pair: their batch mean
+    if forward.sinkhorn_iterations is not None:  # the public Sinkhorn loop's count
+        step_metrics['sinkhorn_iterations'] = forward.sinkhorn_iterations.astype(jnp.float32)
+    if forward.plan is not None:
+        step_metrics['marginal_error'] = jnp.mean(alignment.marginal_error(forward.plan))
+    if forward.alignment_effect is not None:
+        step_metrics['alignment_effect'] = forward.alignment_effect
     if contrastive_loss is not None:
         step_metrics['contrastive_loss'] = contrastive_loss
-    return grads, batch_stats, step_metrics
+    return grads, forward.batch_stats, step_metrics
 
 
 def train_step(state: TrainState, images, labels, *, mode: str, model,
