@@ -16,6 +16,11 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
+
+# Slow (left out by -m "not slow"): installs the package into a fresh virtual environment.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
