@@ -35,7 +35,7 @@ Learning rates scale linearly with the global batch (Goyal et al., 2017): they a
 reference batch of 100, so with `--config.train.batch_size=B` use learning_rate = 0.01 * B / 100
 and classifier_learning_rate = 0.1 * B / 100 (e.g. B = 400, per-GPU 100 on 4 GPUs: 0.04, 0.4).
 
-Augmentation runs on the host (alignmix_jax/imagenet.py): RandomResizedCrop to 224
+Augmentation runs on the host (alignmix_jax/data/imagenet_transforms.py): RandomResizedCrop to 224
 (scale 0.08-1, ratio 3/4-4/3) and horizontal flip; evaluation resizes the shorter side to 256
 and takes the central 224x224. The device-side augmentation of the train step (padding crop,
 flip) is turned off here.

@@ -151,6 +151,7 @@ SHIPPED = [
 ]
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('name, variant, image_size', SHIPPED)
 def test_every_shipped_config_passes_the_check(name, variant, image_size):
     module = importlib.import_module(f'configs.{name}')

@@ -180,6 +180,7 @@ def test_modes_are_validated_against_the_encoder():
         train.training_modes(config)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_each_baseline_mode_trains_through_the_step_and_compiles_once():
     config = make_tiny_config()
     dataset = data.load_dataset(config.dataset)
@@ -240,6 +241,7 @@ def tiny_method_config(method: str) -> ml_collections.ConfigDict:
     return config
 
 
+@pytest.mark.slow  # trains (left out by -m "not slow")
 def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkeypatch):
     loads = []
     load_dataset = data.load_dataset

@@ -13,6 +13,9 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+# Slow (left out by -m "not slow"): runs the benchmark command, with PyTorch beside it.
+pytestmark = pytest.mark.slow
+
 # The subprocesses share the tests' compilation cache: conftest.py puts it in os.environ.
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 # The smallest network: a sixteenth-width PreActResNet18 (4 to 32 channels), batch 8.

@@ -16,6 +16,9 @@ from alignmix_jax.training import train
 from configs import cpu_protocol, methods
 from tests.conftest import REPO_ROOT, make_tiny_config
 
+# Slow (left out by -m "not slow"): trains and evaluates the claims protocol end to end.
+pytestmark = pytest.mark.slow
+
 
 def test_the_preset_is_the_claims_set_on_the_cifar10_network():
     assert cpu_protocol.METHODS == (

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from alignmix_jax.runtime.command_line import check_tuple_fields_given_once
+from alignmix_jax.runtime.command_line import check_tuple_fields_given_once, repository_configs
 from tests.conftest import REPO_ROOT
 
 MODES_TWICE = ["--config.mixup.modes=('input','input','feature','feature_prime')",
@@ -103,3 +103,24 @@ def test_an_unknown_variant_is_one_line_naming_the_valid_ones(tmp_path):
     assert config_error('configs/methods.py', tmp_path) == [
         'error: configs/methods.py is not a config file (it has no get_config()); the config '
         'files are configs/<dataset>.py, e.g. configs/cifar10.py']
+
+
+def test_repository_configs_imports_a_config_module_or_says_where_the_folder_is(tmp_path):
+    from configs import backbones
+    assert repository_configs('backbones') is backbones
+    with pytest.raises(SystemExit) as missing:
+        repository_configs('no_such_module')
+    assert str(missing.value) == (
+        f'error: cannot import configs.no_such_module (from {REPO_ROOT}); the config files '
+        'are in the configs/ folder of the alignmix_jax repository, not in the installed '
+        'package: run the command from the root of a checkout')
+    # A config module whose own import fails is its error, not a missing folder.
+    (tmp_path / 'broken_config.py').write_text('import no_such_dependency_of_a_config\n')
+    import configs
+    configs.__path__.append(str(tmp_path))  # a module of the configs package, for this test
+    try:
+        with pytest.raises(ModuleNotFoundError, match='no_such_dependency_of_a_config'):
+            repository_configs('broken_config')
+    finally:
+        configs.__path__.remove(str(tmp_path))
+        sys.modules.pop('configs.broken_config', None)

@@ -156,6 +156,7 @@ def test_one_line_errors_turns_user_errors_into_an_error_line_and_lets_bugs_thro
             raise KeyError('params')
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('command', ['alignmix_jax.main', 'alignmix_jax.experiments.bench',
                                      'alignmix_jax.evaluation.classification',
                                      'alignmix_jax.experiments.visualize'])

@@ -179,6 +179,7 @@ def fresh_variables(model):
     return model.init(init_key(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('last_stride', [2, 1])
 def test_resnet50_logits_match_torch(tmp_path, last_stride):
     torch.manual_seed(0)
@@ -276,6 +277,7 @@ def test_wrong_state_dict_is_a_one_line_error(tmp_path):
         convert_torchvision.convert('vgg16', {'conv1.weight': np.zeros((1, 3, 7, 7))})
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_command_writes_the_weights(tmp_path):
     torch.manual_seed(0)
     state_dict_path = tmp_path / 'model.pth'

@@ -22,6 +22,9 @@ from alignmix_jax.runtime import sharding
 from alignmix_jax.training import train, train_step
 from tests.conftest import REPO_ROOT, make_tiny_config
 
+# Slow (left out by -m "not slow"): trains AlignMixup/AE steps and runs the visualize command.
+pytestmark = pytest.mark.slow
+
 
 def ae_config(decoder='ae', **model_overrides):
     config = make_tiny_config()

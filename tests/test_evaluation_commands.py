@@ -18,6 +18,9 @@ from alignmix_jax.runtime import checkpointing
 from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 
+# Slow (left out by -m "not slow"): trains a run, then runs every evaluation command on it.
+pytestmark = pytest.mark.slow
+
 # The tiny config as command-line overrides of configs/demo.py (the fields evaluation reads).
 TINY_OVERRIDES = ('--config.model.width=0.125', '--config.train.eval_batch_size=250')
 

@@ -223,6 +223,7 @@ def test_noise_images_have_the_paper_distributions():
                                   uniform)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_folder_images_are_centre_cropped_or_resized(tmp_path):
     gradient = np.arange(40 * 50 * 3, dtype=np.int64).reshape(40, 50, 3) % 251
     (tmp_path / 'sub').mkdir()

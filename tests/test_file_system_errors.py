@@ -18,6 +18,9 @@ from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 from tests.test_preemption import tiny_run_args
 
+# Slow (left out by -m "not slow"): runs the training command on full and read-only file systems.
+pytestmark = pytest.mark.slow
+
 
 def run_main(*args):
     return subprocess.run([sys.executable, '-m', 'alignmix_jax.main', *args], cwd=REPO_ROOT,

@@ -19,6 +19,9 @@ from configs import default
 from tests import cub_fixture
 from tests.conftest import REPO_ROOT, init_key
 
+# Slow (left out by -m "not slow"): trains on a generated CUB set and runs the localization command.
+pytestmark = pytest.mark.slow
+
 # A 1/16-width ResNet-50 at 64x64 with the WSOL stride-1 last stage (4x4 maps), two epochs of
 # aligned feature mixup (one mode: one compiled step).
 OVERRIDES = (

@@ -278,6 +278,7 @@ def test_equals_a_plain_torch_reference(small_input, last_stride, size):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_each_mixup_mode_trains_through_the_step_and_compiles_once():
     config = make_tiny_config()
     config.model.name = 'mobilenet_v2'

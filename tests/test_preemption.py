@@ -18,6 +18,10 @@ from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 from tests.test_train import restore_params
 
+# Slow (left out by -m "not slow"): trains runs and stops them with signals (also two
+# processes).
+pytestmark = pytest.mark.slow
+
 
 def preemption_config():
     config = make_tiny_config()  # 4 steps an epoch

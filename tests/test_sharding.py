@@ -7,7 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+# Slow (left out by -m "not slow"): trains on 8 devices and in two processes.
+pytestmark = pytest.mark.slow
 
 
 def run_python(*args, env=None, timeout=900):

@@ -50,6 +50,9 @@ torch = pytest.importorskip('torch', reason='the parity test runs the PyTorch tr
                             'pip install torch (CPU build)')
 from alignmix_jax.pytorch import torch_reference  # noqa: E402
 
+# Slow (left out by -m "not slow"): compiles full PreActResNet18 steps beside PyTorch.
+pytestmark = pytest.mark.slow
+
 BATCH, WIDTH, CLASSES = 8, 0.25, 10
 LAM = 0.3
 # The public PreActBlock's shortcut (models/preact_resnet.py), which torch_reference transcribes.

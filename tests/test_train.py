@@ -19,6 +19,9 @@ from alignmix_jax.runtime import checkpointing, sharding
 from alignmix_jax.training import train, train_step
 from tests.conftest import REPO_ROOT, fit_one_batch, make_tiny_config
 
+# Slow (left out by -m "not slow"): each test trains or resumes a run of the tiny demo.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def demo_dataset():

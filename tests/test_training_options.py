@@ -12,6 +12,9 @@ from alignmix_jax.runtime import sharding
 from alignmix_jax.training import train, train_step
 from tests.conftest import make_tiny_config
 
+# Slow (left out by -m "not slow"): trains the step and the loop with timm's mixup options.
+pytestmark = pytest.mark.slow
+
 SMOOTHING = 0.1
 
 

@@ -303,6 +303,7 @@ def gradient_share(initial: np.ndarray, trained: np.ndarray) -> float:
     return float(np.linalg.norm(trained - decayed) / np.linalg.norm(trained))
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('name', ['vit_small', 'swin_tiny'])
 def test_each_mode_trains_the_transformer_and_compiles_once(name):
     config = make_tiny_config()

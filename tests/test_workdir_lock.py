@@ -11,6 +11,9 @@ import pytest
 from alignmix_jax.runtime import workdir_lock
 from tests.conftest import REPO_ROOT
 
+# Slow (left out by -m "not slow"): starts training commands against held workdirs.
+pytestmark = pytest.mark.slow
+
 HOLDER = '''
 import sys, time
 from alignmix_jax import workdir_lock

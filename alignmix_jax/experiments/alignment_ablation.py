@@ -24,6 +24,8 @@ import os
 import statistics
 from collections.abc import Sequence
 
+from alignmix_jax.runtime.command_line import repository_configs
+
 ALIGNMENTS = {
     'off': {'mixup.align': False},
     'paper': {},
@@ -41,7 +43,7 @@ FIGURES = ('alignment_effect', 'marginal_error', 'sinkhorn_iterations')
 
 def alignments() -> tuple[str, ...]:
     """The alignment variants this checkout can run ('public' once PUBLIC_METHOD exists)."""
-    from configs import methods
+    methods = repository_configs('methods')
     return tuple(ALIGNMENTS) + (('public',) if PUBLIC_METHOD in methods.METHODS else ())
 
 
@@ -58,7 +60,8 @@ def conditions(names: Sequence[str] | None = None) -> list[str]:
 
 def make_config(condition: str, *, backbone: str = 'preact_resnet18', data_dir: str | None = None):
     """The run config of `condition` ('<alignment>_<head>') on the mini-reproduction budget."""
-    from configs import backbones, mini_reproduction
+    backbones = repository_configs('backbones')
+    mini_reproduction = repository_configs('mini_reproduction')
     alignment, head = next((alignment, condition[len(alignment) + 1:])
                            for alignment in alignments() if condition.startswith(alignment + '_'))
     method = PUBLIC_METHOD if alignment == 'public' else 'alignmix'

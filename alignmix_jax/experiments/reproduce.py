@@ -43,7 +43,12 @@ import os
 
 from absl import app, flags, logging
 
-from alignmix_jax.runtime.command_line import hide_library_info, one_line_errors, parse_flags
+from alignmix_jax.runtime.command_line import (
+    hide_library_info,
+    one_line_errors,
+    parse_flags,
+    repository_configs,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', None, 'The CIFAR-10 image folder (DIR/{train,test}/<class>/).')
@@ -69,8 +74,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(hide_library_info)
     import jax
 
-    from configs import backbones, mini_reproduction
-    from configs import methods as method_configs
+    backbones = repository_configs('backbones')
+    mini_reproduction = repository_configs('mini_reproduction')
+    method_configs = repository_configs('methods')
 
     # The seeds of a method run the same programs: compile them once.
     jax.config.update('jax_compilation_cache_dir',
@@ -137,7 +143,7 @@ def _claims_table(seeds):
 
     from alignmix_jax.experiments import claims_table
     from alignmix_jax.settings import config_checks
-    from configs import cpu_protocol
+    cpu_protocol = repository_configs('cpu_protocol')
 
     def make_config(method):
         config = cpu_protocol.get_config(f'{FLAGS.backbone},{method}')

@@ -4,6 +4,8 @@ built from our initial weights, and our config set to compute that same step, so
 on the same work; and the side-by-side lines of the table. torch is imported only here, lazily.
 """
 
+from alignmix_jax.runtime.command_line import repository_configs
+
 # The modes --torch compares: those torch_reference transcribes as the public code runs them.
 TORCH_MODES = ('none', 'input', 'feature')
 # Our side of --torch: the step torch_reference computes (the public head and Sinkhorn loop,
@@ -22,13 +24,14 @@ TORCH_COMPARISON = {
 TORCH_PIN = 'pip install torch==2.13.0'
 
 
-def import_torch():
-    """torch, or a ValueError (one `error:` line on the command line) saying how to get it."""
+def import_torch(needed_by: str = '--torch times the PyTorch transcription of the public code'):
+    """torch, or a ValueError (one `error:` line on the command line) saying how to get it
+    (`needed_by`: what needs it, the start of that line)."""
     try:
         import torch
     except ImportError:
-        raise ValueError(f'--torch times the PyTorch transcription of the public code and needs '
-                         f'PyTorch: {TORCH_PIN} (the CPU build is enough)') from None
+        raise ValueError(f'{needed_by} and needs PyTorch: {TORCH_PIN} (the CPU build is '
+                         f'enough)') from None
     return torch
 
 
@@ -38,7 +41,7 @@ def torch_comparison_config(config):
     if config.model.name != 'preact_resnet18':
         raise ValueError(f'--torch compares the PreActResNet18 of the public CIFAR code; '
                          f'config.model.name is {config.model.name!r}')
-    from configs import backbones
+    backbones = repository_configs('backbones')
     compared = config.copy_and_resolve_references()
     changed = []
     for field, value in TORCH_COMPARISON.items():

@@ -21,7 +21,9 @@ The two sides are independent runs, each with its own randomness:
   protocol (which drops the partial batch, as our loop always does).
 
 A script of the package rather than a test: it trains for minutes and writes figures (its
-JSON) that docs/parity.md's tables report; it is no check that passes or fails on its own.
+JSON) that docs/parity.md's tables report; it is no check that passes or fails on its own. torch
+and the repository's configs/ are imported when the run starts, so that `--help` needs neither
+and `--side=ours` runs without PyTorch.
 """
 
 import dataclasses
@@ -31,14 +33,13 @@ import random
 import time
 
 import numpy as np
-import torch
 from absl import app, flags
 
 from alignmix_jax import data
 from alignmix_jax.data.common import class_balanced_subset
-from alignmix_jax.pytorch import torch_reference
+from alignmix_jax.pytorch import bench_torch, torch_reference
+from alignmix_jax.runtime.command_line import one_line_errors, repository_configs
 from alignmix_jax.training import train
-from configs import mini_reproduction
 
 METHODS = {'none': 'baseline', 'input': 'input_mixup', 'alignmix': 'alignmix_public'}
 # The public code's draw per batch for AlignMix; the other methods have one mode.
@@ -61,7 +62,7 @@ flags.DEFINE_string('output', None, 'JSON file for the result (also printed).')
 
 
 def our_config(method: str, seed: int):
-    config = mini_reproduction.get_config(METHODS[method])
+    config = repository_configs('mini_reproduction').get_config(METHODS[method])
     config.seed = seed
     config.dataset.data_dir = FLAGS.data_dir
     config.dataset.train_subset = FLAGS.train_images
@@ -79,6 +80,7 @@ def our_config(method: str, seed: int):
 
 def _augment(images, generator):
     """RandomCrop(32, padding=4) and RandomHorizontalFlip on a uint8 NHWC batch -> NCHW."""
+    import torch
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     padded = torch.nn.functional.pad(batch, (4, 4, 4, 4))
     offsets = torch.randint(0, 9, (len(batch), 2), generator=generator)
@@ -90,12 +92,14 @@ def _augment(images, generator):
 
 
 def _normalize(images_nchw, mean, std):
+    import torch
     return (images_nchw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def train_torch(method: str, seed: int, dataset, config) -> dict:
     """The transcription trained as the public main.py trains: per epoch a fresh shuffle, every
     batch including the last partial one, lr set per epoch, lambda and mode drawn per batch."""
+    import torch
     torch.set_num_threads(1)  # the machine is shared; one thread keeps runs comparable
     generator = torch.Generator().manual_seed(seed)
     numpy_rng = np.random.default_rng(seed)
@@ -137,8 +141,21 @@ def train_torch(method: str, seed: int, dataset, config) -> dict:
 
 
 def main(argv):
-    del argv
-    config = our_config(FLAGS.method, FLAGS.seed)
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    with one_line_errors():  # PyTorch missing, a wrong data folder: one `error:` line
+        if FLAGS.side in ('both', 'torch'):  # before the data loads
+            bench_torch.import_torch('--side=torch (and both) trains the PyTorch transcription')
+        result = run_sides(our_config(FLAGS.method, FLAGS.seed))
+    text = json.dumps(result)
+    print(text)
+    if FLAGS.output:
+        pathlib.Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(FLAGS.output).write_text(text + '\n')
+
+
+def run_sides(config) -> dict:
+    """Both sides (or the one of --side) on the data of `config`: the result record."""
     dataset = data.load_dataset(config.dataset)
     if FLAGS.test_images:
         dataset = dataclasses.replace(dataset, test=class_balanced_subset(
@@ -155,11 +172,7 @@ def main(argv):
         metrics = train.train_and_evaluate(config, str(workdir), dataset)
         result['ours'] = {'final_test_accuracy': float(metrics['final_test_accuracy']),
                           'seconds': time.time() - start}
-    text = json.dumps(result)
-    print(text)
-    if FLAGS.output:
-        pathlib.Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(FLAGS.output).write_text(text + '\n')
+    return result
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@
 import collections
 import contextlib
 import functools
+import importlib
 import logging as python_logging
 import os
 import sys
@@ -22,9 +23,26 @@ from alignmix_jax.runtime.output_dirs import describe_os_error
 
 # Where the config files are: the repository's configs/ folder, which is not part of the
 # installed package (its files import each other as `configs.<name>`).
-CONFIGS_HINT = ('the config files are in the configs/ folder of the alignmix_jax repository, '
-                'not in the installed package: run the command from the root of a checkout, '
+# (A top-level package named `configs` in site-packages would clash with any other
+# distribution's, and a config is named by its path, which an installed copy cannot give.)
+CONFIGS_WHERE = ('the config files are in the configs/ folder of the alignmix_jax repository, '
+                 'not in the installed package: run the command from the root of a checkout')
+CONFIGS_HINT = (f'{CONFIGS_WHERE}, '
                 'e.g. `python -m alignmix_jax.main --config=configs/demo.py --workdir=DIR`')
+
+
+def repository_configs(name: str):
+    """The module `configs.<name>` of the repository's configs/ folder (the commands that
+    build their own configs import them when they run, never at import, so that `--help`
+    works anywhere). Outside a checkout: SystemExit with one `error:` line saying where the
+    folder is, wherever the call happens (inside `one_line_errors()` or not)."""
+    try:
+        return importlib.import_module(f'configs.{name}')
+    except ModuleNotFoundError as error:
+        if error.name not in ('configs', f'configs.{name}'):
+            raise  # a config module's own import failed: its traceback says which
+        raise SystemExit(f'error: cannot import configs.{name} (from {os.getcwd()}); '
+                         f'{CONFIGS_WHERE}') from None
 
 
 def config_arguments(argv) -> list[str]:
