@@ -124,7 +124,7 @@ def test_a_disk_that_fills_during_a_save_stops_the_run_in_one_line(tmp_path):
     mount_point = tmp_path / 'mnt'
     mount_point.mkdir()
     workdir = mount_point / 'run'
-    listing = ('from alignmix_jax import checkpointing; import sys; '
+    listing = ('from alignmix_jax.runtime import checkpointing; import sys; '
                'print("steps", checkpointing.make_manager(sys.argv[1], read_only=True)'
                '.all_steps())')
     result = run_in_mount_namespace(

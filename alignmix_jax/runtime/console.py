@@ -8,9 +8,10 @@
         console.evaluation(epoch, ...)            one line an evaluation
     console.result(result, results_path)          the last line
 
-On a terminal the progress is a bar (tqdm, which the dependencies already bring: steps/s, ETA,
-the latest loss), redrawn in place; anywhere else (a pipe, a log file, SLURM's output) it is
-one plain line per report, since a bar redrawn with carriage returns is unreadable there.
+On a terminal the progress is a bar (steps/s, ETA, the latest loss) redrawn in place, drawn by
+tqdm (installed with tensorflow-datasets already, and declared for this); anywhere else (a
+pipe, a log file, SLURM's output) it is one plain line per report, since a bar redrawn with
+carriage returns is unreadable there.
 The full record stays where it was: absl's log (every metric, timestamps, thread ids) goes to
 `--log_dir` or, with `-v`, to the terminal (alignmix_jax/runtime/command_line.py), and the
 metrics to WORKDIR/metrics.jsonl and TensorBoard (alignmix_jax/runtime/metric_log.py).
@@ -50,17 +51,13 @@ def header_line(*, model: str, data: str, num_devices: int, platform: str, proce
 
 
 class Console:
-    """The lines of one run on `stream` (process 0's stderr); `stream=None` shows nothing
-    (the other processes of a multi-process run, and callers of the training function).
+    """The lines of one run on `stream` (process 0's stderr), with a bar if it is a terminal;
+    `stream=None` shows nothing (the other processes of a multi-process run, and callers of
+    the training function)."""
 
-    `interactive`: draw a progress bar; by default, whether `stream` is a terminal.
-    """
-
-    def __init__(self, stream=None, *, interactive: bool | None = None):
+    def __init__(self, stream=None):
         self.stream = stream
-        if interactive is None:
-            interactive = stream is not None and _is_terminal(stream)
-        self.interactive = interactive
+        self.interactive = stream is not None and _is_terminal(stream)
         self._bar = None
         self._total_steps = None
 
@@ -83,7 +80,7 @@ class Console:
         on its own line) when the block does, also on an error, so that an `error:` line or
         the stop on a signal starts a line of its own."""
         self._total_steps = total_steps
-        if self.stream is not None and self.interactive and start_step < total_steps:
+        if self.interactive and start_step < total_steps:
             from tqdm import tqdm
             # A terminal of unknown width (0 columns, as under `script`) gets 100.
             width = {} if _columns(self.stream) else {'ncols': 100}
