@@ -52,7 +52,7 @@ def test_pip_install_into_a_fresh_venv(tmp_path):
     elsewhere.mkdir()
     check = run([str(python), '-c', '\n'.join([
         'import importlib.metadata, importlib.resources, alignmix_jax',
-        'from alignmix_jax import api, mixup',  # the public API imports
+        'from alignmix_jax.method import api, mixup',  # the public API imports
         'print(alignmix_jax.__file__)',
         'print(sorted(path.name for path in importlib.resources.files("alignmix_jax")'
         '.rglob("*.npz")))',
