@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 HOLDER = '''
 import sys, time
-from alignmix_jax import workdir_lock
+from alignmix_jax.runtime import workdir_lock
 with workdir_lock.hold(sys.argv[1], int(sys.argv[2])):
     print('locked', flush=True)
     time.sleep(600)

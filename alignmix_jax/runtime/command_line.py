@@ -2,6 +2,9 @@
 
     app.run(main, flags_parser=parse_flags)      a bad config override is one clear line
     logging.get_absl_handler().addFilter(hide_library_info)
+    route_absl_log(absl_log_on_terminal())      a command with a console of its own (training):
+                                                 absl's INFO lines to --log_dir, or to the
+                                                 terminal only when asked for (-v)
     with one_line_errors():                      a mistake in the settings or the data is
         ...                                      `error: ...` and exit status 1; a run
                                                  stopped by a signal after saving, one line
@@ -176,6 +179,42 @@ def hide_library_info(record: python_logging.LogRecord) -> bool:
                                             and '/orbax/' in _message(record)):
         return False
     return record.levelno >= python_logging.WARNING or not from_orbax
+
+
+def absl_log_on_terminal(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+    """Whether absl's INFO lines were asked for on the terminal: `--logtostderr`,
+    `--alsologtostderr`, or `-v`/`--verbosity` without a `--log_dir` to take them."""
+    return bool(flag_values['logtostderr'].value or flag_values['alsologtostderr'].value
+                or (flag_values['verbosity'].present and not flag_values['log_dir'].value))
+
+
+def route_absl_log(on_terminal: bool) -> None:
+    """Where absl's log goes in a command that shows its progress on a console of its own
+    (alignmix_jax/runtime/console.py): its INFO lines (every metric, each prefixed with a
+    timestamp and a thread id) to a file in `--log_dir` when one is given (absl's own
+    `INFO.<time>.<pid>` files; warnings and errors also on the terminal), else to the terminal
+    only when `on_terminal` (`absl_log_on_terminal`). Warnings and errors always reach the
+    terminal, except matplotlib's start-up warnings (a font cache being built, a temporary
+    config folder: it is imported by ott-jax, and draws nothing in training), shown with -v."""
+    handler = logging.get_absl_handler()
+    to_file = bool(flags.FLAGS.log_dir) and not flags.FLAGS.logtostderr
+    if to_file:
+        if not flags.FLAGS['stderrthreshold'].present:
+            flags.FLAGS.stderrthreshold = 'warning'
+        handler.use_absl_log_file()
+    handler.addFilter(functools.partial(keep_on_quiet_terminal, on_terminal=on_terminal,
+                                        to_file=to_file))
+
+
+def keep_on_quiet_terminal(record: python_logging.LogRecord, *, on_terminal: bool,
+                           to_file: bool) -> bool:
+    """`route_absl_log`'s filter: whether absl's handler writes `record` (to its file, and to
+    the terminal as absl's --stderrthreshold says)."""
+    if on_terminal:
+        return True
+    if record.name == 'matplotlib' or record.name.startswith('matplotlib.'):
+        return record.levelno >= python_logging.ERROR
+    return to_file or record.levelno >= python_logging.WARNING
 
 
 def _message(record: python_logging.LogRecord) -> str:

@@ -3,7 +3,8 @@
 `open_writer(workdir, start_step)` gives process 0 a `MetricWriter` that sends every
 `write_scalars(step, scalars)` to
 
-- the console (absl logging), one line a call: `[step] name=value, ...`;
+- absl's log, one line a call: `[step] name=value, ...` (on the terminal with `-v`; the
+  training command's console shows the progress, alignmix_jax/runtime/console.py);
 - `WORKDIR/metrics.jsonl`, one JSON object a call: `{"step": ..., "wall_time": ..., name:
   value, ...}`, always (no package needed; readable with `pandas.read_json(path, lines=True)`
   or a loop over `json.loads`). A resumed run first drops the lines of steps after the
@@ -23,7 +24,8 @@ need no TensorFlow. The other processes of a multi-process run get a writer that
 nothing.
 
 `ProgressReport` is what clu's `ReportProgress` did: every `every_steps` it writes
-`steps_per_sec` (over the steps since its last report) and logs the progress and ETA.
+`steps_per_sec` (over the steps since its last report) and logs the progress and ETA; it
+returns the rate, for the console (alignmix_jax/runtime/console.py).
 """
 
 import json
@@ -185,16 +187,17 @@ class ProgressReport:
         self.writer, self.total_steps, self.every_steps = writer, total_steps, every_steps
         self._last = None  # (step, time) of the last report, or of the first call
 
-    def __call__(self, step: int):
+    def __call__(self, step: int) -> float | None:
+        """The steps/s it reported at `step`, or None when it reported nothing."""
         now = time.monotonic()
         if self._last is None:
             self._last = (step, now)
-            return
+            return None
         if step % self.every_steps and step != self.total_steps:
-            return
+            return None
         last_step, last_time = self._last
         if step <= last_step or now <= last_time:
-            return
+            return None
         steps_per_sec = (step - last_step) / (now - last_time)
         self._last = (step, now)
         self.writer.write_scalars(step, {'steps_per_sec': steps_per_sec})
@@ -202,3 +205,4 @@ class ProgressReport:
         logging.info('Step %d of %d (%.1f%%), %.2f steps/s, ETA %.1f min.', step,
                      self.total_steps, 100 * step / self.total_steps, steps_per_sec,
                      eta_minutes)
+        return steps_per_sec

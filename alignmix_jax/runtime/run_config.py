@@ -69,7 +69,8 @@ def _flatten(tree, prefix: str = '') -> dict:
     return flat
 
 
-def _as_json(config: ml_collections.ConfigDict) -> str:
+def as_json(config: ml_collections.ConfigDict) -> str:
+    """The config as WORKDIR/config.json holds it (and --print_config prints it)."""
     return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
@@ -82,7 +83,7 @@ def changed_fields(saved: dict, config: ml_collections.ConfigDict
                    ) -> list[tuple[str, object, object]]:
     """(field, saved value, new value) of each field both configs have and that differs, in
     the order of the field names; values as JSON has them (tuples as lists)."""
-    old, new = _flatten(saved), _flatten(json.loads(_as_json(config)))
+    old, new = _flatten(saved), _flatten(json.loads(as_json(config)))
     return [(field, old[field], new[field]) for field in sorted(old.keys() & new.keys())
             if old[field] != new[field]]
 
@@ -124,7 +125,7 @@ def record(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
     partial = f'{path}.tmp'
     with open(partial, 'w') as config_file:
-        config_file.write(_as_json(config) + '\n')
+        config_file.write(as_json(config) + '\n')
     os.replace(partial, path)  # other processes never read a half-written file
 
 

@@ -1,8 +1,9 @@
 """AlignMix training and evaluation, from one CPU to many hosts.
 
 `train_and_evaluate(config, workdir)` trains a classifier with the mixup modes of Algorithm 1,
-evaluates it on the whole test split periodically, writes metrics to the console,
-`workdir/metrics.jsonl` and TensorBoard (`alignmix_jax.runtime.metric_log`), checkpoints to
+evaluates it on the whole test split periodically, writes metrics to absl's log,
+`workdir/metrics.jsonl` and TensorBoard (`alignmix_jax.runtime.metric_log`) and its progress
+to the console it is given (`alignmix_jax.runtime.console`), checkpoints to
 `workdir/checkpoints`, and resumes from the latest checkpoint there.
 
 The step itself (the state, the optimizer, the forward pass of each mode, the data-parallel
@@ -49,6 +50,7 @@ from alignmix_jax.runtime import (
     sharding,
     workdir_lock,
 )
+from alignmix_jax.runtime.console import Console
 from alignmix_jax.settings import config_checks
 from alignmix_jax.training import divergence, inert_alignment
 from alignmix_jax.training.train_step import (
@@ -131,13 +133,16 @@ def _divergence_error(config: ml_collections.ConfigDict, found: divergence.Diver
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: data.Dataset | None = None) -> dict:
+                       dataset: data.Dataset | None = None,
+                       console: Console | None = None) -> dict:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics.
 
     `dataset`: the data, already loaded by `data.load_dataset(config.dataset)`, for
     callers that train several runs on the same data (alignmix_jax/experiments/reproduce.py); None
-    loads it. The settings are checked first; the run holds the workdir's lock (one run per workdir)
-    and continues only a run of the same settings (alignmix_jax/runtime/run_config.py).
+    loads it. `console`: where the header, progress and evaluations are shown (the training
+    command's terminal); None shows nothing (absl's log has it all). The settings are checked
+    first; the run holds the workdir's lock (one run per workdir) and continues only a run of
+    the same settings (alignmix_jax/runtime/run_config.py).
     """
     config_checks.validate(config, num_devices=jax.device_count())
     with workdir_lock.hold(workdir, jax.process_index()):
@@ -145,11 +150,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for field, old, new in run_config.check(config, workdir):
             logging.warning('config.%s changed from %s to %s (allow_config_change).', field,
                             old, new)
-        return _train_and_evaluate(config, workdir, dataset)
+        return _train_and_evaluate(config, workdir, dataset, console or Console())
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        dataset: data.Dataset | None) -> dict:
+                        dataset: data.Dataset | None, console: Console) -> dict:
     # Orbax writes only to absolute paths; `--workdir=runs/demo` is relative to the caller.
     workdir = os.path.abspath(workdir)
     modes = training_modes(config)
@@ -181,12 +186,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f'non-finite parameters or statistics; delete that step\'s directory to resume '
                 f'from the one before it')
         run_config.check_num_epochs(config, int(state.step), steps_per_epoch, manager.directory)
-        logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
+        resumed = f'Resumed from {manager.directory} at step {int(state.step)}.'
+        logging.info(resumed)
+        console.line(resumed)
     start_step = int(state.step)
     if jax.process_index() == 0:  # the settings the run goes on with
         run_config.record(config, workdir)
+    console.header(
+        model=config.model.name + (f' (width {config.model.width:g})'
+                                   if config.model.width != 1 else ''),
+        data=f'{config.dataset.name} ({dataset.num_train_examples:,} training images, '
+             f'{dataset.num_classes} classes)',
+        num_devices=mesh.size, platform=jax.devices()[0].platform,
+        processes=jax.process_count(),
+        start_step=start_step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        config_path=os.path.join(workdir, run_config.CONFIG_FILE))
 
-    # Only process 0 logs and writes metrics (console, metrics.jsonl, TensorBoard).
+    # Only process 0 logs and writes metrics (absl's log, metrics.jsonl, TensorBoard).
     writer = metric_log.open_writer(workdir, start_step, jax.process_index())
     if start_step == 0:
         writer.write_hparams(_flatten(config.to_dict()))
@@ -224,7 +240,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     evaluators = [evaluation.make_evaluator(kind, eval_context, config.evals)
                   for kind in train_config.evals]
     eval_every_steps = train_config.eval_every_epochs * steps_per_epoch
-    test_metrics, eval_figures = {}, {}
+    test_metrics, eval_figures, latest_loss = {}, {}, None
     if start_step < total_steps:
         logging.info('Training %d steps (%d epochs of %d steps) from step %d; modes %s%s.',
                      total_steps, train_config.num_epochs, steps_per_epoch, start_step, modes,
@@ -236,7 +252,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # SIGTERM or SIGINT: the step in progress ends the run, saved
     # (alignmix_jax/runtime/preemption.py).
     with (preemption.StopOnSignal() as stop, _wait_for_saves(manager),
-          contextlib.closing(writer)):
+          contextlib.closing(writer), console.progress(start_step, total_steps)):
         for step in range(start_step + 1, total_steps + 1):
             images, labels = next(batches)
             # timm's probability and off_epoch may turn the drawn mode into 'none'; `step` is
@@ -248,7 +264,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             state, step_metrics = compiled_train_step(state, images, labels, mode=mode)
             buffer.add(mode, step_metrics)
             checkpointing.check_saves(manager)  # a failed save stops the run a step later
-            report_progress(step)
+            steps_per_sec = report_progress(step)
+            console.step(step)
 
             is_last = step == total_steps
             stopping = not is_last and stop.requested(step, manager)
@@ -261,6 +278,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if found is not None:
                     raise _divergence_error(config, found, manager)
                 writer.write_scalars(step, summary)
+                latest_loss = summary.get('train/loss')
+            if steps_per_sec is not None:
+                console.report(step, steps_per_sec, latest_loss)
             if should_eval:
                 epoch = step // steps_per_epoch
                 test_metrics = test_evaluator.run({'params': state.params,
@@ -285,6 +305,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 logging.info('Epoch %d: test accuracy %.2f%% (best so far %.2f%% at epoch %d).',
                              epoch, 100 * test_metrics['accuracy'],
                              100 * progress['best_test_accuracy'], progress['best_epoch'])
+                console.evaluation(epoch, step, test_metrics['accuracy'], test_metrics['loss'],
+                                   progress['best_test_accuracy'], progress['best_epoch'])
             if should_save:
                 checkpointing.save(manager, step, state, progress)
             if stopping:
