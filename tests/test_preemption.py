@@ -138,7 +138,8 @@ def test_the_training_command_stops_on_a_signal_in_one_line(tmp_path, signum):
 
 SECOND_SIGNAL_RUN = '''
 import os, signal, sys
-from alignmix_jax import checkpointing, train
+from alignmix_jax.runtime import checkpointing
+from alignmix_jax.training import train
 from tests.conftest import make_tiny_config
 from tests.test_preemption import preemption_config
 

@@ -175,10 +175,20 @@ def hide_library_info(record: python_logging.LogRecord) -> bool:
     behind), which the command reports as one `error:` line instead (the tracebacks are at
     debug level, `--verbosity=1`)."""
     from_orbax = '/orbax/' in record.pathname
-    if (from_orbax and record.exc_info) or (record.name == 'asyncio'
-                                            and '/orbax/' in _message(record)):
+    if (from_orbax and record.exc_info) or (record.name == 'asyncio' and (
+            '/orbax/' in _message(record) or _raised_in_orbax(record))):
         return False
     return record.levelno >= python_logging.WARNING or not from_orbax
+
+
+def _raised_in_orbax(record: python_logging.LogRecord) -> bool:
+    """Whether the record's exception passed through orbax's code: asyncio reports a task's
+    exception with the task's source in the message, but a gathering future's (the writes of
+    one save) only with the exception, whose traceback runs through orbax."""
+    if not record.exc_info or record.exc_info[2] is None:
+        return False
+    return any('/orbax/' in frame.filename
+               for frame in traceback.extract_tb(record.exc_info[2]))
 
 
 def absl_log_on_terminal(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
