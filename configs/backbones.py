@@ -17,7 +17,7 @@ unchanged. Each brings its own normalisation of A, so f has no BatchNorm + ReLU 
   A is already normalised (BatchNorm + ReLU6), but pooling it then the linear g averages A
   linearly, and behind that the feature modes are exactly mixup of the pooled features (the
   columns of R sum to one): f's own BatchNorm + ReLU (head_norm True) is what alignment acts
-  through (measured at start-up, alignmix_jax/inert_alignment.py).
+  through (measured at start-up, alignmix_jax/training/inert_alignment.py).
 
 These are the architectures at the paper's training settings (SGD, lr 0.1); transformers are
 usually trained with other optimisers and far longer, which this does not attempt.

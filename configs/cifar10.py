@@ -21,9 +21,9 @@ convolution and linear layer keeps PyTorch's default U(+-1/sqrt(fan_in)) weights
 Network (`model.preact_resnet18.shortcut='preactivated'`): the public PreActBlock adds the
 pre-activated input relu(bn1(x)) on the identity shortcuts of its five shape-keeping blocks,
 where He et al.'s block adds x ('identity'). The paper's numbers come from the public network,
-and the difference matters for mixup: on a 10,000-image, 20-epoch CPU protocol (the README's
-parity section) input mixup and the public AlignMix trained 2.4-3.9 points below the public
-code with 'identity' and within 0.25 points of its means with 'preactivated' (three seeds),
+and the difference matters for mixup: on a 10,000-image, 20-epoch CPU protocol (docs/parity.md)
+input mixup and the public AlignMix trained 2.4-3.9 points below the public code with
+'identity' and within 0.25 points of its means with 'preactivated' (three seeds),
 while the baseline lands within about a point of the public code's with either.
 `--config.model.preact_resnet18.shortcut=identity` gives He et al.'s block.
 """

@@ -1,6 +1,6 @@
 """AlignMix on CUB-200-2011 for weakly-supervised localisation (WSOL), ResNet-50 (Appendix B).
 
-    python -m alignmix_jax.convert_torchvision --arch=resnet50 \\
+    python -m alignmix_jax.pytorch.convert_torchvision --arch=resnet50 \\
         --state_dict=resnet50-0676ba61.pth --output=weights/resnet50
     python -m alignmix_jax.main --config=configs/cub_resnet50.py --workdir=runs/cub_r50 \\
         --config.dataset.data_dir=DIR --config.model.pretrained=weights/resnet50
@@ -23,8 +23,8 @@ follows, use stride 1); f = BatchNorm + ReLU, then global average pooling, g a l
 classifier of 200 classes. The paper's f pools the network's output (it ends with BatchNorm +
 ReLU) directly; that head averages A linearly, so the feature modes would be exactly mixup of
 the pooled features (the columns of R sum to one, measured by the start-up check,
-alignmix_jax/inert_alignment.py); f's own BatchNorm + ReLU is the nonlinearity through which
-alignment acts. The class activation maps are then taken after it, where the pooling is
+alignmix_jax/training/inert_alignment.py); f's own BatchNorm + ReLU is the nonlinearity through
+which alignment acts. The class activation maps are then taken after it, where the pooling is
 (alignmix_jax/evaluation/localization.py), so CAM localisation is unchanged in kind.
 `--config.model.head_norm=False --config.mixup.allow_inert_alignment=True` is the paper's head.
 Training as for classification (all four mixup modes, lambda ~ Beta(2, 2), Sinkhorn eps = 0.1
@@ -33,9 +33,9 @@ for 100 iterations), without boxes. Images resized to 256x256 and randomly cropp
 learning rate 0.01 for the classifier g and 0.001 for the other layers, both x0.1 every 150
 epochs, momentum 0.9, weight decay 1e-4, batch size 16.
 
-Localisation (alignmix_jax/cam_localization.py): the class activation map of the last feature maps
-and the classifier's weights, resized to 224x224 and min-max normalised; top-1 localisation
-with the box of the largest region above 0.15, and MaxBoxAcc-v2 (Choe et al., 2020).
+Localisation (alignmix_jax/evaluation/cam_localization.py): the class activation map of the last
+feature maps and the classifier's weights, resized to 224x224 and min-max normalised; top-1
+localisation with the box of the largest region above 0.15, and MaxBoxAcc-v2 (Choe et al., 2020).
 
 Variants: the VGG-GAP backbone is configs/cub_vgg.py. A smoke run on the generated set of the
 tests: see tests/test_localization_e2e.py.
@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.width = 1.0
     config.model.head_norm = True  # alignment is inert without it (see the docstring)
     config.model.last_stride = 1  # layer4 at stride 1: A is 14x14 at 224x224
-    # A directory written by `python -m alignmix_jax.convert_torchvision`: ImageNet weights
+    # A directory written by `python -m alignmix_jax.pytorch.convert_torchvision`: ImageNet weights
     # that training starts from (all but a classifier of another number of classes).
 
     config.train.batch_size = 16

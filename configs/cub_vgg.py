@@ -1,6 +1,6 @@
 """AlignMix on CUB-200-2011 for weakly-supervised localisation, VGG-GAP (Appendix B).
 
-    python -m alignmix_jax.convert_torchvision --arch=vgg16 \\
+    python -m alignmix_jax.pytorch.convert_torchvision --arch=vgg16 \\
         --state_dict=vgg16-397923af.pth --output=weights/vgg16
     python -m alignmix_jax.main --config=configs/cub_vgg.py --workdir=runs/cub_vgg \\
         --config.dataset.data_dir=DIR --config.model.pretrained=weights/vgg16

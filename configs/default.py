@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     # DataParallel, which the public code uses); True, the global batch (cross-device means).
     config.model.sync_batch_norm = False
     # Start from converted ImageNet weights: a directory written by
-    # `python -m alignmix_jax.convert_torchvision` (None: random initialisation).
+    # `python -m alignmix_jax.pytorch.convert_torchvision` (None: random initialisation).
     config.model.pretrained = config_dict.placeholder(str)
     # AlignMixup/AE (paper Section 3.3, Table 8): 'ae' adds a decoder D: e -> x_hat trained by a
     # fifth mode, 'clean' (reconstruction of clean images), drawn with the mixup modes; 'vae'
@@ -132,12 +132,13 @@ def get_config() -> ml_collections.ConfigDict:
     # train/sinkhorn_iterations).
     config.mixup.sinkhorn = 'paper'
     config.mixup.sinkhorn_threshold = 0.1
-    # feat' (Eq. 13): 'fresh', its own plan from A' to A (Algorithm 1); 'reuse', the plan of A
-    # to A' read backwards, A R mixed with A' (the public CIFAR code; mixup.align_and_mix).
+    # feat' (Eq. 13; embedding_tensor_prime alike on E): 'fresh', its own plan from A' to A
+    # (Algorithm 1); 'reuse', the plan of A to A' read backwards, A R mixed with A' on the
+    # sides of (y, y') (the public CIFAR code; mixup.align_and_mix).
     config.mixup.prime_plan = 'fresh'
     # Behind an f that averages A linearly (pooling, then linear layers), aligned mixing is
     # exactly mixing the pooled features; training refuses to start there (the effect is
-    # measured on the first batch, alignmix_jax/inert_alignment.py) unless this is True
+    # measured on the first batch, alignmix_jax/training/inert_alignment.py) unless this is True
     # (e.g. to reproduce the public code's pooled linear head on purpose).
     config.mixup.allow_inert_alignment = False
     # AlignMix + CutMix (beyond the paper): each batch is a CutMix batch with this probability
@@ -145,7 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup.cutmix_probability = 0.0
     # CutMix's own lambda ~ Beta(cutmix_alpha, cutmix_alpha) in those batches (None: alpha).
     config.mixup.cutmix_alpha = config_dict.placeholder(float)
-    # The options of timm.data.Mixup, off or neutral by default (README: "Mixup options").
+    # The options of timm.data.Mixup, off or neutral by default (docs/configuration.md, "Mixup
+    # options").
     # Smoothing s of the labels before they are mixed: 1 - s + s/k on the class, s/k
     # elsewhere (timm's label_smoothing).
     config.mixup.label_smoothing = 0.0
@@ -190,12 +192,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
     # A restart into a workdir that holds checkpoints refuses settings other than the ones its
-    # run was started with (WORKDIR/config.json; alignmix_jax/run_config.py says which); True
-    # continues it with the new ones (the model and the data can never change).
+    # run was started with (WORKDIR/config.json; alignmix_jax/runtime/run_config.py says which);
+    # True continues it with the new ones (the model and the data can never change).
     config.train.allow_config_change = False
     # Stop when a step's loss (while still finite) exceeds this factor times the lowest running
     # median of its mode's last 100 losses (at least 0.01): 1000 is far above any healthy
-    # spike (alignmix_jax/divergence.py says why); a non-finite state or metric always stops.
+    # spike (alignmix_jax/training/divergence.py says why); a non-finite state or metric always
+    # stops.
     config.train.loss_explosion_factor = 1000.0
 
     # Evaluations (alignmix_jax/evaluation): `python -m alignmix_jax.evaluation.<kind>` reads

@@ -4,14 +4,14 @@
 
 5,000 training and 1,000 test images (alignmix_jax/data/demo), a quarter-width
 PreActResNet18 and a short step schedule; everything else as in the paper (all four mixup
-modes, aligned, Sinkhorn eps 0.1 for 100 iterations). See the README for the time it takes
-and the test accuracy it reaches.
+modes, aligned, Sinkhorn eps 0.1 for 100 iterations). docs/results.md gives the time it
+takes and the test accuracy it reaches on the CPUs measured.
 
-AlignMixup/AE, with the decoder, so that the pictures of alignmix_jax/visualize.py can be
-drawn from it (`:ae` after the file name selects it):
+AlignMixup/AE, with the decoder, so that the pictures of alignmix_jax/experiments/visualize.py can
+be drawn from it (`:ae` after the file name selects it):
 
     python -m alignmix_jax.main --config=configs/demo.py:ae --workdir=runs/demo_ae
-    python -m alignmix_jax.visualize --config=configs/demo.py:ae --workdir=runs/demo_ae
+    python -m alignmix_jax.experiments.visualize --config=configs/demo.py:ae --workdir=runs/demo_ae
 
 It adds the decoder and the 'clean' mode, and gives D a base learning rate of 0.02: at the
 paper's 0.1 (which F, f and g keep), the reconstruction loss of this short run stays above that
@@ -19,7 +19,7 @@ of predicting the mean image.
 
 `:ae_flat` is AlignMixup/AE with the paper's f (a Dense layer on the whole A,
 `model.flatten_features`, e of 128 dimensions), which keeps the layout of A so that aligned and
-unaligned morphs differ (issue 14). At the paper's 0.1 its f's BatchNorm + ReLU outputs all go
+unaligned morphs differ. At the paper's 0.1 its f's BatchNorm + ReLU outputs all go
 to zero (dead ReLUs before the 2048-input Dense layer) and the run stays at chance, also with
 f alone at 0.02 (7.8% after an epoch, reconstruction error 3.1): the whole network trains at
 0.02, as the decoder does.

@@ -19,7 +19,7 @@ f = BatchNorm + ReLU, then global average pooling (beyond the paper, whose f poo
 network's normalised output directly: that head averages A linearly, so behind it the feature
 modes are exactly mixup of the pooled features, the columns of R summing to one; the extra
 BatchNorm + ReLU is the nonlinearity through which alignment acts, as the start-up check,
-alignmix_jax/inert_alignment.py, measures; `--config.model.head_norm=False
+alignmix_jax/training/inert_alignment.py, measures; `--config.model.head_norm=False
 --config.mixup.allow_inert_alignment=True` is the paper's head), SGD for 300
 epochs with momentum 0.9 and weight decay 1e-4, learning rate 0.1 for the classifier g and
 0.01 for the other layers, both x0.1 at epochs 100 and 200; lambda ~ Beta(2, 2); Sinkhorn
@@ -35,7 +35,7 @@ Learning rates scale linearly with the global batch (Goyal et al., 2017): they a
 reference batch of 100, so with `--config.train.batch_size=B` use learning_rate = 0.01 * B / 100
 and classifier_learning_rate = 0.1 * B / 100 (e.g. B = 400, per-GPU 100 on 4 GPUs: 0.04, 0.4).
 
-Augmentation runs on the host (alignmix_jax/imagenet.py): RandomResizedCrop to 224
+Augmentation runs on the host (alignmix_jax/data/imagenet_transforms.py): RandomResizedCrop to 224
 (scale 0.08-1, ratio 3/4-4/3) and horizontal flip; evaluation resizes the shorter side to 256
 and takes the central 224x224. The device-side augmentation of the train step (padding crop,
 flip) is turned off here.

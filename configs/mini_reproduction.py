@@ -1,4 +1,5 @@
-"""One run of the CPU-sized comparison of the paper's Table 1 methods (alignmix_jax/reproduce.py).
+"""One run of the CPU-sized comparison of the paper's Table 1 methods
+(alignmix_jax/experiments/reproduce.py).
 
     python -m alignmix_jax.main --config=configs/mini_reproduction.py:cutmix \
         --config.dataset.data_dir=../shared/data/cifar10-jpeg --workdir=runs/mini/cutmix/seed0
@@ -8,8 +9,8 @@ class-balanced subset of 2,000 training images, the full 10,000-image test split
 quarter-width PreActResNet18, 8 epochs of SGD (lr 0.1, x0.1 after epoch 6, batch 128), one
 evaluation at the end. The method (configs/methods.py: baseline, input_mixup, manifold_mixup,
 cutmix, alignmix, alignmix_ae, alignmix_cutmix) sets the mixup modes and alpha; everything
-else is shared. `python -m alignmix_jax.reproduce` runs every method with three seeds and
-writes the table. A backbone of configs/backbones.py may precede the method
+else is shared. `python -m alignmix_jax.experiments.reproduce` runs every method with three seeds
+and writes the table. A backbone of configs/backbones.py may precede the method
 (`:mobilenet_v2,alignmix`; `reproduce --backbone=mobilenet_v2`); the default is the
 quarter-width PreActResNet18.
 """

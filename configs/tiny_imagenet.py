@@ -2,7 +2,7 @@
 
 Prepare the official archive once, then train on the folder it writes:
 
-    python -m alignmix_jax.prepare_tiny_imagenet --source=PATH/tiny-imagenet-200 --output=OUT
+    python -m alignmix_jax.data.prepare_tiny_imagenet --source=PATH/tiny-imagenet-200 --output=OUT
     python -m alignmix_jax.main --config=configs/tiny_imagenet.py \
         --config.dataset.data_dir=OUT --workdir=runs/tiny_imagenet_r18
 
@@ -48,7 +48,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.dataset.name = 'image_folder'
-    # Required: the OUT of alignmix_jax.prepare_tiny_imagenet (left unset here on purpose).
+    # Required: the OUT of alignmix_jax.data.prepare_tiny_imagenet (left unset here on purpose).
     config.dataset.data_dir = None
     # The public Tiny-ImageNet code reuses the CIFAR-10 statistics; stated here so that a change
     # of the shared default does not silently change this dataset.

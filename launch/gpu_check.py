@@ -11,7 +11,8 @@ they exist (a check stopped at its limit still leaves everything measured before
    Orbax, ott-jax, PyTorch and the others the run imports;
 2. the data: the CIFAR-10 archive (`.gpu_data/cifar10.npz`, the embedded demo's format, built
    by launch/gpu_prepare.sh from the shared JPEGs) unpacked into an image folder;
-3. `python -m alignmix_jax.bench` on configs/cifar10.py (the full-width PreActResNet18) on
+3. `python -m alignmix_jax.experiments.bench` on configs/cifar10.py (the full-width PreActResNet18)
+on
    that folder, at each batch of `--bench_batches`, float32 and bfloat16, with `--torch`
    (the same step in PyTorch on the same GPU): per mode (none, input, feature) step ms,
    images/s, the alignment's share, peak memory, ours/torch, the input pipeline's images/s;
@@ -127,7 +128,7 @@ for name in sys.argv[1:]:
 imports = {}
 for module in ('jax', 'flax.linen', 'optax', 'orbax.checkpoint', 'ott.solvers.linear.sinkhorn',
                'ml_collections', 'tensorboard.compat.proto.event_pb2', 'PIL.Image',
-               'alignmix_jax.train', 'alignmix_jax.bench', 'torch'):
+               'alignmix_jax.training.train', 'alignmix_jax.experiments.bench', 'torch'):
     try:
         importlib.import_module(module)
         imports[module] = 'ok'
@@ -187,7 +188,8 @@ def unpack_archive(archive: pathlib.Path, folder: pathlib.Path,
 
 
 def bench_step(batch, data_dir, size, deadline, env, summary):
-    command = [sys.executable, '-m', 'alignmix_jax.bench', '--config=configs/cifar10.py',
+    command = [sys.executable, '-m', 'alignmix_jax.experiments.bench',
+               '--config=configs/cifar10.py',
                '--config.dataset.name=image_folder', f'--config.dataset.data_dir={data_dir}',
                f'--config.model.width={size["width"]}', f'--config.train.batch_size={batch}',
                '--dtypes=float32,bfloat16', '--torch', f'--steps={size["steps"]}',
@@ -240,7 +242,7 @@ def pipeline_images_per_second(dataset, batch_size: int, num_batches: int) -> fl
     devices (`sharding.global_batch`, as the loop feeds them), after one untimed pass."""
     import jax
 
-    from alignmix_jax import sharding
+    from alignmix_jax.runtime import sharding
     mesh = sharding.make_mesh()
     batches = dataset.train_batches(batch_size, seed=0)
 
@@ -257,7 +259,9 @@ def pipeline_images_per_second(dataset, batch_size: int, num_batches: int) -> fl
 def train_part(args):
     """--part=train: the three runs in this process, the data loaded once; each run's figures
     appended to `args.train_out` as it ends."""
-    from alignmix_jax import data, metric_log, train
+    from alignmix_jax import data
+    from alignmix_jax.runtime import metric_log
+    from alignmix_jax.training import train
     from configs import mini_reproduction
     size = sizes(args.tiny)
     figures = {'epochs': args.epochs, 'dtype': args.dtype, 'runs': {}}

@@ -10,8 +10,8 @@ process index. If a process fails, the others are stopped and its exit code is r
 
 Stopping: Ctrl-C reaches every process from the terminal (this launcher ignores it); a SIGTERM
 to the launcher is passed on to each process. The processes then agree on a step, save it and
-exit with status 75 (alignmix_jax/preemption.py), which is not a failure: the others are left
-to finish their save, and 75 is returned.
+exit with status 75 (alignmix_jax/runtime/preemption.py), which is not a failure: the others are
+left to finish their save, and 75 is returned.
 """
 
 import argparse
@@ -36,7 +36,7 @@ def relay(process_index: int, stream) -> None:
         sys.stdout.flush()
 
 
-# alignmix_jax.preemption.EXIT_CODE: a process stopped on a signal after saving (this script
+# alignmix_jax.runtime.preemption.EXIT_CODE: a process stopped on a signal after saving (this script
 # imports nothing from the package).
 PREEMPTED = 75
 

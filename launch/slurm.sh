@@ -13,7 +13,7 @@
 #
 # Time limit and preemption: SLURM sends every task SIGTERM 5 minutes before the time limit
 # (--signal) and on preemption. The run then finishes its step, saves it and exits with status
-# 75 (alignmix_jax/preemption.py); this script then puts the job back in the queue, and the
+# 75 (alignmix_jax/runtime/preemption.py); this script then puts the job back in the queue, and the
 # requeued job resumes from the workdir. The 5 minutes must cover a step, an evaluation (the
 # step may end an epoch) and a save.
 

@@ -22,8 +22,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignmix_jax import augmentation, data, mixup, sharding, train_step  # noqa: E402
+from alignmix_jax import data
+from alignmix_jax.data import augmentation
+from alignmix_jax.method import mixup
 from alignmix_jax.models import build_model  # noqa: E402
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train_step
 from tests.conftest import make_tiny_config  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import alignment
+from alignmix_jax.method import alignment
 
 # Plan entries lie in [0, 1/r] and most are vanishingly small, so a relative tolerance would be
 # meaningless for them; 1e-4 absolute is 0.16% of the largest possible entry at r = 16.

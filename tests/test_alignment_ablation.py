@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from alignmix_jax import alignment_ablation
+from alignmix_jax.experiments import alignment_ablation
 from tests.conftest import make_tiny_config
 
 
@@ -22,6 +22,7 @@ def test_conditions_set_the_alignment_and_the_head():
         alignment_ablation.conditions(['bogus'])
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_tiny_ablation_tabulates_the_effect_of_each_condition(tmp_path):
     def make_run_config(condition):
         config = alignment_ablation.make_config(condition)

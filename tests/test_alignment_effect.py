@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import alignment_effect, data, inert_alignment, mixup
+from alignmix_jax import data
+from alignmix_jax.method import mixup
 from alignmix_jax.models import build_model
 from alignmix_jax.models.classifier import Classifier
 from alignmix_jax.models.layers import BN_EPSILON
+from alignmix_jax.training import alignment_effect, inert_alignment
 from tests.conftest import make_tiny_config
 
 PERMUTATION = jnp.array([3, 0, 1, 2])
@@ -149,6 +151,7 @@ SHIPPED = [
 ]
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('name, variant, image_size', SHIPPED)
 def test_every_shipped_config_passes_the_check(name, variant, image_size):
     module = importlib.import_module(f'configs.{name}')

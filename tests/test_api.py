@@ -1,11 +1,12 @@
-"""alignmix_jax.api: the mixed batch and soft targets, against the equations written out here."""
+"""alignmix_jax.method.api: the mixed batch and soft targets, against the equations written out
+here."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import alignment, api
+from alignmix_jax.method import alignment, api
 
 LABELS = jnp.array([0, 1, 2, 1, 3])
 

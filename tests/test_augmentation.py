@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import augmentation
-from alignmix_jax.augmentation import _COLOR_JITTER_STREAM, _ROTATION_STREAM
+from alignmix_jax.data import augmentation
+from alignmix_jax.data.augmentation import _COLOR_JITTER_STREAM, _ROTATION_STREAM
 
 # Jitted, as in the train step, and because op-by-op dispatch would compile every operation
 # of a rotation or a hue shift separately: tens of seconds on a cold compilation cache.

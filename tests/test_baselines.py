@@ -11,8 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alignmix_jax import data, mixup, mode_forward, reproduction_runs, sharding, train, train_step
+from alignmix_jax import data
+from alignmix_jax.experiments import reproduction_runs
+from alignmix_jax.method import mixup
 from alignmix_jax.models import Classifier, build_model
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import mode_forward, train, train_step
 from configs import cifar10, methods, mini_reproduction
 from tests.conftest import REPO_ROOT, fit_one_batch, init_key, make_tiny_config
 
@@ -88,15 +92,15 @@ def forward(mode, model, variables, images, one_hot, lam=0.3):
 
 def test_baseline_mode_leaves_inputs_and_labels_untouched(tiny_model_and_batch):
     model, variables, images, one_hot = tiny_model_and_batch
-    logits, targets, batch_stats, plan, lam, _ = forward('none', model, variables, images, one_hot)
-    np.testing.assert_array_equal(targets, one_hot)  # hard labels, not mixed
-    assert plan is None and lam is None
+    clean = forward('none', model, variables, images, one_hot)
+    np.testing.assert_array_equal(clean.targets, one_hot)  # hard labels, not mixed
+    assert clean.plan is None and clean.lam is None
     clean_logits, clean_updates = clean_forward(model, variables, images)
-    np.testing.assert_allclose(logits, clean_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(clean.logits, clean_logits, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 batch_stats, clean_updates['batch_stats'])
+                 clean.batch_stats, clean_updates['batch_stats'])
     # Any mixing mode would change the logits of the same batch.
-    mixed_logits = forward('input', model, variables, images, one_hot)[0]
+    mixed_logits = forward('input', model, variables, images, one_hot).logits
     assert float(jnp.max(jnp.abs(mixed_logits - clean_logits))) > 1e-3
 
 
@@ -113,8 +117,9 @@ def stage_of(path) -> int:
 def test_manifold_mixup_mixes_at_the_chosen_stage_only(tiny_model_and_batch, level):
     model, variables, images, one_hot = tiny_model_and_batch
     lam = 0.3
-    logits, targets, batch_stats, _, used_lam, _ = forward(f'hidden{level}', model, variables,
-                                                        images, one_hot, lam)
+    mixed = forward(f'hidden{level}', model, variables, images, one_hot, lam)
+    logits, targets, batch_stats, used_lam = (mixed.logits, mixed.targets, mixed.batch_stats,
+                                              mixed.lam)
     permutation = jnp.array([7, 0, 1, 2, 3, 4, 5, 6])
     np.testing.assert_allclose(targets, lam * one_hot + (1 - lam) * one_hot[permutation],
                                rtol=1e-6)
@@ -175,6 +180,7 @@ def test_modes_are_validated_against_the_encoder():
         train.training_modes(config)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_each_baseline_mode_trains_through_the_step_and_compiles_once():
     config = make_tiny_config()
     dataset = data.load_dataset(config.dataset)
@@ -235,6 +241,7 @@ def tiny_method_config(method: str) -> ml_collections.ConfigDict:
     return config
 
 
+@pytest.mark.slow  # trains (left out by -m "not slow")
 def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkeypatch):
     loads = []
     load_dataset = data.load_dataset
@@ -280,7 +287,7 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
 
 def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.reproduce', f'--data_dir={tmp_path}',
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
          f'--workdir={tmp_path / "runs"}', '--methods=cutmix,mixmix'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))

@@ -13,6 +13,9 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+# Slow (left out by -m "not slow"): runs the benchmark command, with PyTorch beside it.
+pytestmark = pytest.mark.slow
+
 # The subprocesses share the tests' compilation cache: conftest.py puts it in os.environ.
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 # The smallest network: a sixteenth-width PreActResNet18 (4 to 32 channels), batch 8.
@@ -22,7 +25,7 @@ TINY = ['--config=configs/demo.py', '--config.dataset.train_subset=64',
 
 
 def run_bench(arguments, env=ENV):
-    return subprocess.run([sys.executable, '-m', 'alignmix_jax.bench', *arguments],
+    return subprocess.run([sys.executable, '-m', 'alignmix_jax.experiments.bench', *arguments],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -126,8 +129,12 @@ def test_timed_torch_step_computes_our_loss(mode):
     tests/test_step_parity.py checks gradients, parameters and statistics of such steps; this
     checks that the bench's overrides of a config (the demo's, sixteenth width) get there."""
     torch = pytest.importorskip('torch', reason='the torch side of the benchmark')
-    from alignmix_jax import augmentation, bench_torch, mixup, sharding, train_step
+    from alignmix_jax.data import augmentation
+    from alignmix_jax.method import mixup
     from alignmix_jax.models import build_model
+    from alignmix_jax.pytorch import bench_torch
+    from alignmix_jax.runtime import sharding
+    from alignmix_jax.training import train_step
     from configs import demo
 
     config = demo.get_config()
@@ -148,7 +155,7 @@ def test_timed_torch_step_computes_our_loss(mode):
     images = augmentation.normalize(augmentation.augment(augment_key, jnp.asarray(raw)),
                                     config.dataset.mean, config.dataset.std)
     permutation, lam = mixup.sample_pairing(pairing_key, batch, config.mixup.alpha)
-    from alignmix_jax import torch_reference
+    from alignmix_jax.pytorch import torch_reference
     expected = torch_step(torch_reference.to_torch_images(images),
                           torch.from_numpy(labels.astype(np.int64)),
                           torch.from_numpy(np.asarray(permutation).astype(np.int64)),
@@ -165,8 +172,8 @@ def test_torch_settings_and_the_gpu_style_step_on_the_cpu():
     run here on the CPU: the loss of the float32 step to bfloat16 precision, the same
     Sinkhorn iterations."""
     torch = pytest.importorskip('torch', reason='the torch side of the benchmark')
-    from alignmix_jax import bench_torch, torch_reference
     from alignmix_jax.models import build_model
+    from alignmix_jax.pytorch import bench_torch, torch_reference
     from configs import demo
 
     assert bench_torch.torch_settings('cuda', 'bfloat16') == {

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from alignmix_jax import checkpointing
+from alignmix_jax.runtime import checkpointing
 
 
 def test_underlying_reason_is_the_innermost_error_first_line():

@@ -9,10 +9,15 @@ import sys
 
 import pytest
 
-from alignmix_jax import claims_table, config_checks, reproduction_runs, train
 from alignmix_jax.evaluation import command
+from alignmix_jax.experiments import claims_table, reproduction_runs
+from alignmix_jax.settings import config_checks
+from alignmix_jax.training import train
 from configs import cpu_protocol, methods
 from tests.conftest import REPO_ROOT, make_tiny_config
+
+# Slow (left out by -m "not slow"): trains and evaluates the claims protocol end to end.
+pytestmark = pytest.mark.slow
 
 
 def test_the_preset_is_the_claims_set_on_the_cifar10_network():
@@ -225,7 +230,7 @@ def test_tiny_claims_skip_and_resume_training_and_evaluation(tmp_path, monkeypat
 
 def test_cpu_protocol_refuses_the_ablation_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.reproduce', f'--data_dir={tmp_path}',
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
          f'--workdir={tmp_path / "runs"}', '--protocol=cpu', '--ablation=alignment'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
@@ -255,7 +260,7 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
     _write(os.path.join(directory, 'eval', claims_table.TIMING_FILE),
            {'robustness': 150.0, 'calibration': 10.0})
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.reproduce', f'--data_dir={tmp_path}',
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
          f'--workdir={workdir}', '--protocol=cpu', '--methods=baseline', '--seeds=0'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
@@ -266,5 +271,6 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
     assert '| baseline | 0 | - | ' in result.stdout
     assert ('| 60.00 ± 0.00 | 20.00 ± 0.00 | 10.00 ± 0.00 | 5.00 ± 0.00 | 2.00 ± 0.00 | 15 min |'
             in result.stdout)
-    assert (f'Command: `python -m alignmix_jax.reproduce --protocol=cpu --data_dir={tmp_path} '
-            f'--workdir={workdir} --methods=baseline --seeds=0`') in result.stdout
+    assert (f'Command: `python -m alignmix_jax.experiments.reproduce --protocol=cpu '
+            f'--data_dir={tmp_path} --workdir={workdir} --methods=baseline --seeds=0`'
+            ) in result.stdout

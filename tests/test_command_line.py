@@ -1,5 +1,6 @@
 """The commands' flag parsing: a tuple field given twice is an error, not a silent join."""
 
+import logging
 import subprocess
 import sys
 
@@ -7,7 +8,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from alignmix_jax.command_line import check_tuple_fields_given_once
+from alignmix_jax.runtime.command_line import (
+    check_tuple_fields_given_once,
+    hide_library_info,
+    repository_configs,
+)
 from tests.conftest import REPO_ROOT
 
 MODES_TWICE = ["--config.mixup.modes=('input','input','feature','feature_prime')",
@@ -103,3 +108,51 @@ def test_an_unknown_variant_is_one_line_naming_the_valid_ones(tmp_path):
     assert config_error('configs/methods.py', tmp_path) == [
         'error: configs/methods.py is not a config file (it has no get_config()); the config '
         'files are configs/<dataset>.py, e.g. configs/cifar10.py']
+
+
+def test_repository_configs_imports_a_config_module_or_says_where_the_folder_is(tmp_path):
+    from configs import backbones
+    assert repository_configs('backbones') is backbones
+    with pytest.raises(SystemExit) as missing:
+        repository_configs('no_such_module')
+    assert str(missing.value) == (
+        f'error: cannot import configs.no_such_module (from {REPO_ROOT}); the config files '
+        'are in the configs/ folder of the alignmix_jax repository, not in the installed '
+        'package: run the command from the root of a checkout')
+    # A config module whose own import fails is its error, not a missing folder.
+    (tmp_path / 'broken_config.py').write_text('import no_such_dependency_of_a_config\n')
+    import configs
+    configs.__path__.append(str(tmp_path))  # a module of the configs package, for this test
+    try:
+        with pytest.raises(ModuleNotFoundError, match='no_such_dependency_of_a_config'):
+            repository_configs('broken_config')
+    finally:
+        configs.__path__.remove(str(tmp_path))
+        sys.modules.pop('configs.broken_config', None)
+
+
+def _asyncio_record(message: str, raised_in: str) -> logging.LogRecord:
+    """An asyncio ERROR record as a gathering future's exception yields: the message names no
+    source file; the exception's traceback runs through the file `raised_in`."""
+    code = compile('raise ValueError("RESOURCE_EXHAUSTED: No space left on device")',
+                   raised_in, 'exec')
+    try:
+        exec(code)
+    except ValueError:
+        exc_info = sys.exc_info()
+    return logging.LogRecord('asyncio', logging.ERROR, '/usr/lib/asyncio/base_events.py', 1,
+                             message, None, exc_info)
+
+
+def test_a_failed_saves_gathering_future_is_hidden_and_other_asyncio_errors_are_not():
+    message = '_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture ...>'
+    through_orbax = _asyncio_record(
+        message, '/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py')
+    elsewhere = _asyncio_record(message, '/venv/site-packages/other/library.py')
+    assert hide_library_info(through_orbax) is False
+    assert hide_library_info(elsewhere) is True
+    # A task's exception names the task's source in the message itself.
+    task = logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1,
+                             'Task exception was never retrieved\nfuture: <Task coro=<save() '
+                             'at /venv/site-packages/orbax/checkpoint/async.py:10>>', None, None)
+    assert hide_library_info(task) is False

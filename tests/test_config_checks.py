@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from alignmix_jax import config_checks
-from alignmix_jax.command_line import one_line_errors
+from alignmix_jax.runtime.command_line import one_line_errors
+from alignmix_jax.settings import config_checks
 from configs import (
     backbones,
     cifar10,
@@ -156,14 +156,15 @@ def test_one_line_errors_turns_user_errors_into_an_error_line_and_lets_bugs_thro
             raise KeyError('params')
 
 
-@pytest.mark.parametrize('command', ['alignmix_jax.main', 'alignmix_jax.bench',
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
+@pytest.mark.parametrize('command', ['alignmix_jax.main', 'alignmix_jax.experiments.bench',
                                      'alignmix_jax.evaluation.classification',
-                                     'alignmix_jax.visualize'])
+                                     'alignmix_jax.experiments.visualize'])
 def test_commands_print_one_error_line_before_loading_data(tmp_path, command):
     """Also: the evaluation command and the pictures check the settings before the checkpoint
     (there is none in tmp_path) or the data."""
     start = time.time()
-    workdir = [] if command == 'alignmix_jax.bench' else [f'--workdir={tmp_path}']
+    workdir = [] if command == 'alignmix_jax.experiments.bench' else [f'--workdir={tmp_path}']
     result = subprocess.run(
         [sys.executable, '-m', command, '--config=configs/demo.py', *workdir,
          '--config.mixup.sinkhorn_iters=0', '--config.model.decoder=ae'],

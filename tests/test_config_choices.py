@@ -3,7 +3,9 @@ checked against the modules that use them."""
 
 import jax.numpy as jnp
 
-from alignmix_jax import alignment, config_choices, mixup, models
+from alignmix_jax import models
+from alignmix_jax.method import alignment, mixup
+from alignmix_jax.settings import config_choices
 
 
 def test_encoder_stage_table_matches_the_encoder_classes():

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import convert_torchvision, pretrained
-from alignmix_jax.models import build_model
+from alignmix_jax.models import build_model, pretrained
+from alignmix_jax.pytorch import convert_torchvision
 from configs import default
 from tests.conftest import init_key
 
@@ -179,6 +179,7 @@ def fresh_variables(model):
     return model.init(init_key(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('last_stride', [2, 1])
 def test_resnet50_logits_match_torch(tmp_path, last_stride):
     torch.manual_seed(0)
@@ -276,13 +277,14 @@ def test_wrong_state_dict_is_a_one_line_error(tmp_path):
         convert_torchvision.convert('vgg16', {'conv1.weight': np.zeros((1, 3, 7, 7))})
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_command_writes_the_weights(tmp_path):
     torch.manual_seed(0)
     state_dict_path = tmp_path / 'model.pth'
     torch.save({'state_dict': {f'module.{k}': v for k, v in
                                TorchVGG16(10, 0.0625).state_dict().items()}}, state_dict_path)
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.convert_torchvision', '--arch=vgg16',
+        [sys.executable, '-m', 'alignmix_jax.pytorch.convert_torchvision', '--arch=vgg16',
          f'--state_dict={state_dict_path}', f'--output={tmp_path / "out"}'],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -290,7 +292,7 @@ def test_command_writes_the_weights(tmp_path):
     converted = pretrained.load_converted(str(tmp_path / 'out'))
     assert converted['params']['encoder']['conv1_1']['kernel'].shape == (3, 3, 3, 4)
     missing = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.convert_torchvision', '--arch=vgg16',
+        [sys.executable, '-m', 'alignmix_jax.pytorch.convert_torchvision', '--arch=vgg16',
          f'--state_dict={tmp_path / "none.pth"}', f'--output={tmp_path / "out2"}'],
         capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and 'no state_dict file' in missing.stderr

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from alignmix_jax import alignment
 from alignmix_jax.evaluation import correspondence
+from alignmix_jax.method import alignment
 
 HEIGHT, WIDTH, CHANNELS = 4, 4, 32
 NUM_CELLS = HEIGHT * WIDTH

@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignmix_jax import augmentation, data, mixup, sharding, train, train_step, visualize
+from alignmix_jax import data
+from alignmix_jax.data import augmentation
+from alignmix_jax.experiments import visualize
+from alignmix_jax.method import mixup
 from alignmix_jax.models import build_model
 from alignmix_jax.models.decoder import decoder_layout
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train, train_step
 from tests.conftest import REPO_ROOT, make_tiny_config
+
+# Slow (left out by -m "not slow"): trains AlignMixup/AE steps and runs the visualize command.
+pytestmark = pytest.mark.slow
 
 
 def ae_config(decoder='ae', **model_overrides):
@@ -258,7 +266,7 @@ def test_visualize_command_writes_the_pictures_of_a_demo_checkpoint(tmp_path):
     overrides = ['--config.model.width=0.125']
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
     completed = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.visualize', '--config=configs/demo.py:ae',
+        [sys.executable, '-m', 'alignmix_jax.experiments.visualize', '--config=configs/demo.py:ae',
          *overrides, f'--workdir={workdir}', '--num_pairs=1', '--num_lambdas=5',
          '--difference_pairs=3'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment)

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import checkpointing, config_checks, data, divergence, train, train_step
+from alignmix_jax import data
+from alignmix_jax.runtime import checkpointing
+from alignmix_jax.settings import config_checks
+from alignmix_jax.training import divergence, train, train_step
 from configs import demo
 from tests.conftest import make_tiny_config
 from tests.test_train import restore_params
@@ -213,6 +216,7 @@ def resume_until_it_stops(good_epoch, tmp_path, demo_dataset, learning_rate=0.1)
     return message, workdir
 
 
+@pytest.mark.slow  # trains runs until they diverge (see docs/testing.md)
 def test_an_update_that_overflows_stops_the_run_on_the_state_check(good_epoch, tmp_path,
                                                                     monkeypatch, demo_dataset):
     # Step 7's gradients become infinite inside the jitted step, after its loss and metrics
@@ -234,6 +238,7 @@ def test_an_update_that_overflows_stops_the_run_on_the_state_check(good_epoch, t
         "--config.train.allow_config_change=True")
 
 
+@pytest.mark.slow  # trains runs until they diverge (see docs/testing.md)
 def test_an_exploding_loss_stops_the_run_on_the_explosion_detector(good_epoch, tmp_path,
                                                                    monkeypatch, demo_dataset):
     # Step 7 reports a loss of 1e9, finite and far above 1000 times step 6's (about 2.3, an
@@ -266,6 +271,7 @@ def test_an_exploding_loss_stops_the_run_on_the_explosion_detector(good_epoch, t
         "--config.train.allow_config_change=True")
 
 
+@pytest.mark.slow  # trains runs until they diverge (see docs/testing.md)
 def test_a_learning_rate_that_diverges_stops_at_its_first_diverged_step(good_epoch, tmp_path,
                                                                         demo_dataset):
     # A real divergence: at 1e6 the loss of step 6 is ~1e8 and step 7 diverges. Which of the
@@ -279,6 +285,7 @@ def test_a_learning_rate_that_diverges_stops_at_its_first_diverged_step(good_epo
                     r"[,:;]", message), message
 
 
+@pytest.mark.slow  # trains runs until they diverge (see docs/testing.md)
 def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_dataset):
     config, workdir = make_tiny_config(), tmp_path / 'run'
     config.mixup.modes = ('feature',)
@@ -302,6 +309,7 @@ def test_a_nan_plan_stops_the_run_at_that_step(tmp_path, monkeypatch, demo_datas
     assert_every_checkpoint_finite(workdir, config, demo_dataset)
 
 
+@pytest.mark.slow  # trains runs until they diverge (see docs/testing.md)
 def test_a_non_finite_checkpoint_is_not_resumed(tmp_path, demo_dataset):
     config, workdir = make_tiny_config(), tmp_path / 'run'
     model = train_step.build_training_model(config, demo_dataset)

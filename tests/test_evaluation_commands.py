@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import alignment, augmentation, checkpointing, train
+from alignmix_jax.data import augmentation
 from alignmix_jax.evaluation import command, common, ood
+from alignmix_jax.method import alignment
+from alignmix_jax.runtime import checkpointing
+from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
+
+# Slow (left out by -m "not slow"): trains a run, then runs every evaluation command on it.
+pytestmark = pytest.mark.slow
 
 # The tiny config as command-line overrides of configs/demo.py (the fields evaluation reads).
 TINY_OVERRIDES = ('--config.model.width=0.125', '--config.train.eval_batch_size=250')
@@ -170,8 +176,8 @@ def test_errors_are_one_line(trained, tmp_path):
 def test_initial_evaluates_the_variables_training_starts_from(tmp_path):
     """--initial needs no checkpoint: its figures are those of the train state's initial
     variables (pytorch init included), and its file does not replace a checkpoint's."""
-    from alignmix_jax import train_step
     from alignmix_jax.evaluation import classification
+    from alignmix_jax.training import train_step
 
     config = make_tiny_config()
     config.model.init = 'pytorch'

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from alignmix_jax import data, evaluation, sharding
+from alignmix_jax import data, evaluation
 from alignmix_jax.evaluation import calibration, classification, common, ood, robustness
+from alignmix_jax.runtime import sharding
 from configs import default
 
 
@@ -222,6 +223,7 @@ def test_noise_images_have_the_paper_distributions():
                                   uniform)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_folder_images_are_centre_cropped_or_resized(tmp_path):
     gradient = np.arange(40 * 50 * 3, dtype=np.int64).reshape(40, 50, 3) % 251
     (tmp_path / 'sub').mkdir()

@@ -12,10 +12,14 @@ import sys
 
 import pytest
 
-from alignmix_jax import output_dirs, train
-from alignmix_jax.command_line import one_line_errors
+from alignmix_jax.runtime import output_dirs
+from alignmix_jax.runtime.command_line import one_line_errors
+from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 from tests.test_preemption import tiny_run_args
+
+# Slow (left out by -m "not slow"): runs the training command on full and read-only file systems.
+pytestmark = pytest.mark.slow
 
 
 def run_main(*args):
@@ -123,7 +127,7 @@ def test_a_disk_that_fills_during_a_save_stops_the_run_in_one_line(tmp_path):
     mount_point = tmp_path / 'mnt'
     mount_point.mkdir()
     workdir = mount_point / 'run'
-    listing = ('from alignmix_jax import checkpointing; import sys; '
+    listing = ('from alignmix_jax.runtime import checkpointing; import sys; '
                'print("steps", checkpointing.make_manager(sys.argv[1], read_only=True)'
                '.all_steps())')
     result = run_in_mount_namespace(
@@ -136,7 +140,8 @@ def test_a_disk_that_fills_during_a_save_stops_the_run_in_one_line(tmp_path):
         f'error: the checkpoint of step 4 could not be written to {workdir}/checkpoints (No '
         f'space left on device (ENOSPC)); the earlier checkpoints (2) are intact; resume from '
         f'the latest by running the same command once that is fixed')
-    assert '] [8] train/' not in result.stderr and '] [4] train/' in result.stderr
+    # The console's progress lines: step 4 reported, step 8 never reached.
+    assert 'step 8/8' not in result.stderr and 'step 4/8' in result.stderr
 
 
 def test_check_writable_creates_the_folder(tmp_path):

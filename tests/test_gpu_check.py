@@ -10,6 +10,9 @@ import pytest
 
 from tests.conftest import REPO_ROOT, environment_without
 
+# Slow (left out by -m "not slow"): runs the GPU check at its tiny size.
+pytestmark = pytest.mark.slow
+
 MODES = ['none', 'input', 'feature']
 
 

@@ -147,6 +147,7 @@ def test_dataset_description(dataset):
     assert dataset.image_shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('process_count', [1, 2, 3])
 def test_train_epochs_cover_each_image_once(dataset, folder, flat_stream, process_count):
     _, owner = folder
@@ -168,6 +169,7 @@ def test_train_epochs_cover_each_image_once(dataset, folder, flat_stream, proces
     assert [identify(images, owner) for images, _ in stream] == expected
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('process_count', [2, 3])
 def test_global_batches_do_not_depend_on_the_process_count(textured_dataset, textured_stream,
                                                            process_count):
@@ -222,6 +224,7 @@ def test_train_crops_and_flips_real_content(tmp_path):
     assert len(left_bright) >= 5 and 0 < sum(left_bright) < len(left_bright)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('process_count, start_step', [(1, 4), (2, 4), (3, 3), (2, 5)])
 def test_start_step_resumes_the_uninterrupted_stream(textured_dataset, textured_stream,
                                                      process_count, start_step):
@@ -389,6 +392,7 @@ def tfds_imagenet(tmp_path_factory):
     return imagenet.tfds_dataset(builder, image_size=IMAGE_SIZE, eval_resize=EVAL_RESIZE)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('process_count', [1, 2, 3])
 def test_tfds_source_shares_cover_train_and_validation(tfds_imagenet, process_count):
     assert tfds_imagenet.num_train_examples == 18 and tfds_imagenet.class_names == CLASSES
@@ -474,6 +478,7 @@ def test_undecodable_file_is_named(tmp_path):
     assert str(broken) in assert_one_line(error)
 
 
+@pytest.mark.slow  # trains (left out by -m "not slow")
 def test_main_trains_resnet50_on_an_imagenet_folder(folder, tmp_path):
     """The real entry point with configs/imagenet.py on the tiny folder: an eighth-width
     ResNet-50, one epoch, all four modes available; evaluation sees the 11 validation images."""

@@ -1,10 +1,10 @@
 """The input pipeline: loaders against PIL, batch order and resumption, device augmentation."""
 
+import io
 import os
 import time
 import zipfile
 from collections import Counter
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +13,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from alignmix_jax import augmentation, data
-from alignmix_jax.data import in_memory
+from alignmix_jax import data
+from alignmix_jax.data import augmentation, in_memory
 from configs import default
+from tests.conftest import CIFAR10_CLASSES, demo_jpegs, write_demo_image_folder
 
-CIFAR10_JPEG = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg'
 SLICE_CLASSES = ('cat', 'airplane', 'bird')  # listed unsorted: labels must follow sorted names
 SLICE_SIZES = {'train': 4, 'test': 3}
 
@@ -48,16 +48,9 @@ def example_indices(images):
 
 @pytest.fixture(scope='module')
 def cifar_slice(tmp_path_factory):
-    """3 classes of the shared CIFAR-10 JPEGs: 4 training and 3 test images each (symlinks)."""
-    root = tmp_path_factory.mktemp('cifar_slice')
-    for split, count in SLICE_SIZES.items():
-        for class_name in SLICE_CLASSES:
-            class_dir = root / split / class_name
-            class_dir.mkdir(parents=True)
-            sources = sorted((CIFAR10_JPEG / split / class_name).iterdir())[:count]
-            for source in sources:
-                (class_dir / source.name).symlink_to(source)
-    return root
+    """3 classes of CIFAR-10 JPEGs (the embedded demo's): 4 training and 3 test images each."""
+    return write_demo_image_folder(tmp_path_factory.mktemp('cifar_slice'), SLICE_SIZES,
+                                   SLICE_CLASSES)
 
 
 @pytest.fixture(scope='module')
@@ -87,15 +80,14 @@ def test_image_folder_rejects_mixed_sizes_other_classes_and_broken_files(tmp_pat
     mixed = tmp_path / 'mixed'
     for split in ('train', 'test'):
         (mixed / split / 'airplane').mkdir(parents=True)
-        (mixed / split / 'airplane' / 'a.jpg').symlink_to(
-            CIFAR10_JPEG / split / 'airplane' / '0000.jpg')
+        (mixed / split / 'airplane' / 'a.jpg').write_bytes(demo_jpegs(split, 'airplane', 1)[0])
     Image.new('RGB', (16, 20)).save(mixed / 'test' / 'airplane' / 'b.png')
     with pytest.raises(data.DatasetError, match=r'b\.png is 20x16 but .*a\.jpg is '
                        r'32x32: all images of .*test must have the same size \(1 differ\)'):
         data.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
 
     (mixed / 'train' / 'ship').mkdir()
-    (mixed / 'train' / 'ship' / 'c.jpg').symlink_to(CIFAR10_JPEG / 'train' / 'ship' / '0000.jpg')
+    (mixed / 'train' / 'ship' / 'c.jpg').write_bytes(demo_jpegs('train', 'ship', 1)[0])
     with pytest.raises(data.DatasetError,
                        match=r"only in train: \['ship'\], only in test: \[\]"):
         data.load_dataset(dataset_config(name='image_folder', data_dir=str(mixed)))
@@ -120,8 +112,8 @@ def test_missing_image_folder_or_split_is_a_clear_not_found_error(tmp_path):
     with pytest.raises(data.DatasetNotFoundError, match=r'class folder .*airplane '
                                                                   r'holds no images'):
         data.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
-    (tmp_path / 'train' / 'airplane' / 'a.jpg').symlink_to(
-        CIFAR10_JPEG / 'train' / 'airplane' / '0000.jpg')
+    (tmp_path / 'train' / 'airplane' / 'a.jpg').write_bytes(
+        demo_jpegs('train', 'airplane', 1)[0])
     with pytest.raises(data.DatasetNotFoundError,
                        match=r'image folder split .*test does not exist'):
         data.load_dataset(dataset_config(name='image_folder', data_dir=str(tmp_path)))
@@ -176,21 +168,33 @@ def test_prepared_tfds_dataset_becomes_uint8_and_int32_arrays(monkeypatch):
 def test_demo_file_is_small_balanced_and_holds_the_original_jpeg_bytes(demo_dataset):
     assert data.DEMO_DATA_PATH.stat().st_size <= 10 * 2**20
     assert demo_dataset.num_classes == 10
-    assert demo_dataset.class_names == tuple(sorted(os.listdir(CIFAR10_JPEG / 'train')))
+    assert demo_dataset.class_names == CIFAR10_CLASSES
     assert demo_dataset.train.images.shape == (5000, 32, 32, 3)
     assert demo_dataset.test.images.shape == (1000, 32, 32, 3)
     assert Counter(demo_dataset.train.labels.tolist()) == {label: 500 for label in range(10)}
     assert Counter(demo_dataset.test.labels.tolist()) == {label: 100 for label in range(10)}
-    # Image 501 of the training split is the second file of the second class, byte for byte.
+    # Image 501 of the training split is the second file of the second class, its JPEG bytes
+    # decoded (that they are the original file's: the shared-data check below).
     with np.load(data.DEMO_DATA_PATH) as archive:
         start, end = archive['train_offsets'][501:503]
         stored = archive['train_jpeg_bytes'][start:end].tobytes()
-    source = CIFAR10_JPEG / 'train' / 'automobile' / '0001.jpg'
-    assert stored == source.read_bytes()
-    np.testing.assert_array_equal(demo_dataset.train.images[501], pil_decode(source))
+    assert stored == demo_jpegs('train', 'automobile', 2)[1]
+    np.testing.assert_array_equal(demo_dataset.train.images[501],
+                                  np.asarray(Image.open(io.BytesIO(stored)).convert('RGB')))
     # The archive was written with fixed timestamps, so rebuilding it changes no byte.
     with zipfile.ZipFile(data.DEMO_DATA_PATH) as archive:
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+@pytest.mark.shared_data
+def test_demo_holds_the_first_files_of_each_class_of_the_full_copy_byte_for_byte(shared_cifar10):
+    # alignmix_jax/data/demo/build.py: the first 500 training and 100 test files of each class.
+    assert tuple(sorted(os.listdir(shared_cifar10 / 'train'))) == CIFAR10_CLASSES
+    for split, count in (('train', 500), ('test', 100)):
+        for class_name in CIFAR10_CLASSES:
+            sources = sorted((shared_cifar10 / split / class_name).glob('*.jpg'))[:count]
+            assert [source.read_bytes() for source in sources] == \
+                demo_jpegs(split, class_name, count), (split, class_name)
 
 
 def test_train_subset_is_fixed_class_balanced_and_leaves_test_whole(demo_dataset):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import cam_localization
+from alignmix_jax.evaluation import cam_localization
 
 
 def box_map(size, box, value=1.0, base=None):

@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from alignmix_jax import cam_localization, data
+from alignmix_jax import data
+from alignmix_jax.evaluation import cam_localization
 from alignmix_jax.evaluation import localization as localization_eval
 from alignmix_jax.models import build_model
 from configs import default
 from tests import cub_fixture
 from tests.conftest import REPO_ROOT, init_key
+
+# Slow (left out by -m "not slow"): trains on a generated CUB set and runs the localization command.
+pytestmark = pytest.mark.slow
 
 # A 1/16-width ResNet-50 at 64x64 with the WSOL stride-1 last stage (4x4 maps), two epochs of
 # aligned feature mixup (one mode: one compiled step).

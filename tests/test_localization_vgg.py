@@ -74,10 +74,14 @@ def test_bad_last_stride_is_an_error():
         abstract_variables(model, 32)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_training_steps_run_without_batch_norm_statistics():
     """VGG-GAP has no BatchNorm: the train state holds empty statistics, and every mixup mode's
     sharded step trains it (the feature modes align its 2x2 maps on 32x32 inputs)."""
-    from alignmix_jax import data, mixup, sharding, train_step
+    from alignmix_jax import data
+    from alignmix_jax.method import mixup
+    from alignmix_jax.runtime import sharding
+    from alignmix_jax.training import train_step
     from tests.conftest import make_tiny_config
 
     config = make_tiny_config()

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignmix_jax import alignment, losses, mixup
+from alignmix_jax.method import alignment, losses, mixup
 
 ALIGN = dict(align=True, epsilon=0.1, num_iters=100)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import alignment, mixup
+from alignmix_jax.method import alignment, mixup
 from configs import default
 
 

@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import data, mixup, sharding, train_step
+from alignmix_jax import data
+from alignmix_jax.method import mixup
 from alignmix_jax.models import ENCODERS, build_model
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2, divisible_channels
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train_step
 from configs import default
 from tests.conftest import fit_one_batch, make_tiny_config
 
@@ -275,6 +278,7 @@ def test_equals_a_plain_torch_reference(small_input, last_stride, size):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_each_mixup_mode_trains_through_the_step_and_compiles_once():
     config = make_tiny_config()
     config.model.name = 'mobilenet_v2'

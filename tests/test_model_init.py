@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import models, sharding, train_step
-from alignmix_jax.config_choices import check_init
+from alignmix_jax import models
 from alignmix_jax.models import build_model
 from alignmix_jax.models.layers import pytorch_default_init
+from alignmix_jax.runtime import sharding
+from alignmix_jax.settings.config_choices import check_init
+from alignmix_jax.training import train_step
 from configs import cifar10, default, imagenet
 from tests.conftest import make_tiny_config
 

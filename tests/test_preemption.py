@@ -12,9 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from alignmix_jax import checkpointing, data, preemption, train
+from alignmix_jax import data
+from alignmix_jax.runtime import checkpointing, preemption
+from alignmix_jax.training import train
 from tests.conftest import REPO_ROOT, make_tiny_config
 from tests.test_train import restore_params
+
+# Slow (left out by -m "not slow"): trains runs and stops them with signals (also two
+# processes).
+pytestmark = pytest.mark.slow
 
 
 def preemption_config():
@@ -132,7 +138,8 @@ def test_the_training_command_stops_on_a_signal_in_one_line(tmp_path, signum):
 
 SECOND_SIGNAL_RUN = '''
 import os, signal, sys
-from alignmix_jax import checkpointing, train
+from alignmix_jax.runtime import checkpointing
+from alignmix_jax.training import train
 from tests.conftest import make_tiny_config
 from tests.test_preemption import preemption_config
 

@@ -5,7 +5,7 @@ transcription in torch_reference, each against a NumPy transcription of the loop
 import numpy as np
 import pytest
 
-from alignmix_jax import alignment
+from alignmix_jax.method import alignment
 
 
 def numpy_public_sinkhorn(a, b, *, epsilon=0.1, max_iters=100, threshold=0.1):
@@ -103,7 +103,7 @@ def test_leading_dimensions_and_errors():
 def test_torch_reference_sinkhorn_matches_numpy_loop(scale, expected_iterations, tolerance):
     torch = pytest.importorskip('torch', reason='torch_reference needs PyTorch (pip install '
                                 'torch, CPU build)')
-    from alignmix_jax import torch_reference
+    from alignmix_jax.pytorch import torch_reference
 
     a, b = features_at_cost_scale(0, scale)
     reference_plan, reference_iterations = numpy_public_sinkhorn(a, b)

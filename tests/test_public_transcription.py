@@ -1,6 +1,6 @@
 """torch_reference against the public AlignMixup CIFAR code's own structure.
 
-tests/test_step_parity.py checks our Flax step against `alignmix_jax.torch_reference`; that
+tests/test_step_parity.py checks our Flax step against `alignmix_jax.pytorch.torch_reference`; that
 check is only as good as the transcription. Here each piece the transcription claims to take
 from the public repository (shashankvkt/AlignMixup_CVPR22, cifar10_100/) is rebuilt in the
 layout of the public file itself: its module classes, attribute names, `nn.Sequential`
@@ -25,7 +25,7 @@ torch = pytest.importorskip('torch', reason='compares the PyTorch transcription:
 from torch import nn  # noqa: E402
 from torch.nn import functional  # noqa: E402
 
-from alignmix_jax import torch_reference  # noqa: E402
+from alignmix_jax.pytorch import torch_reference  # noqa: E402
 
 F = functional
 
@@ -222,6 +222,7 @@ def test_the_parameters_have_the_public_names_and_shapes(models):
     assert projections == [f'encoder.layer{stage}.0.shortcut.0.weight' for stage in (2, 3, 4)]
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('train', [True, False])
 def test_the_network_equals_the_public_network(models, train):
     """Features and logits of the whole classifier, BatchNorm in batch (train) and running
@@ -295,6 +296,7 @@ def test_the_mixed_forward_equals_the_public_one(models, mode, layer_mix, align_
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 def test_the_loss_and_the_optimizer_are_the_public_ones(models):
     """One step of torch_reference.train_step against the public main.py's step: SGD(lr 0.1,
     momentum 0.9, weight decay 1e-4) on mixup_criterion = lam CE(y_a) + (1 - lam) CE(y_b)."""

@@ -6,6 +6,10 @@ import re
 
 import jax
 import numpy as np
+import pytest
+
+# Slow (left out by -m "not slow"): trains the README's example.
+pytestmark = pytest.mark.slow
 
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 HEADING = '## AlignMix in your own training loop'

@@ -6,8 +6,12 @@ import shutil
 
 import pytest
 
-from alignmix_jax import run_config, train
+from alignmix_jax.runtime import run_config
+from alignmix_jax.training import train
 from tests.conftest import make_tiny_config
+
+# Slow (left out by -m "not slow"): trains a run, then restarts it with changed settings.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')

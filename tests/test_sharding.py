@@ -7,7 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+# Slow (left out by -m "not slow"): trains on 8 devices and in two processes.
+pytestmark = pytest.mark.slow
 
 
 def run_python(*args, env=None, timeout=900):
@@ -43,7 +48,8 @@ def demo_run_args(workdir, num_epochs):
     # Two of the demo's modes: each one drawn is compiled in every process (and again for
     # one device when resuming); with seed 0, steps 1-8 draw both (feature at step 5), so the
     # processes must agree on a mode that changes from step to step; steps 9-12 draw both too.
-    return ['--config=configs/demo.py', f'--workdir={workdir}',
+    # -v 0: absl's log on the terminal, every process's, with each step's metrics.
+    return ['--config=configs/demo.py', f'--workdir={workdir}', '-v', '0',
             '--config.dataset.train_subset=64', '--config.model.width=0.125',
             '--config.train.batch_size=16', f'--config.train.num_epochs={num_epochs}',
             '--config.train.lr_decay_epochs=()', '--config.train.eval_batch_size=250',
@@ -52,7 +58,7 @@ def demo_run_args(workdir, num_epochs):
 
 
 def logged_losses(output: str) -> dict[int, float]:
-    """{step: loss} from the console lines '...] [step] train/accuracy=..., train/loss=...'."""
+    """{step: loss} from absl's lines '...] [step] train/accuracy=..., train/loss=...'."""
     pattern = re.compile(r'\] \[(\d+)\] train/.*train/loss=([^,\s]+)')
     return {int(match[1]): float(match[2]) for match in pattern.finditer(output)}
 
@@ -103,7 +109,7 @@ def test_two_processes_train_and_one_process_resumes_their_checkpoint(tmp_path):
 def test_prefetch_to_mesh_yields_the_same_batches_reading_two_ahead():
     import numpy as np  # this module's other tests run JAX in subprocesses only
 
-    from alignmix_jax import sharding
+    from alignmix_jax.runtime import sharding
 
     mesh = sharding.make_mesh()
     host = [(np.full((4, 2), k, np.float32), np.arange(4) + k) for k in range(5)]

@@ -1,4 +1,4 @@
-"""Step-level parity with the public PyTorch CIFAR code (alignmix_jax.torch_reference).
+"""Step-level parity with the public PyTorch CIFAR code (alignmix_jax.pytorch.torch_reference).
 
 Both sides start from the same weights (PyTorch's default initialisation, drawn by torch and
 copied into our Flax tree), see the same normalised batch, permutation and lambda, and take
@@ -37,15 +37,21 @@ import numpy as np
 import optax
 import pytest
 
-from alignmix_jax import alignment, augmentation, losses, mixup, sharding, train_step
+from alignmix_jax.data import augmentation
+from alignmix_jax.method import alignment, losses, mixup
 from alignmix_jax.models import encoder_options
 from alignmix_jax.models.classifier import Classifier
-from alignmix_jax.train_step import make_optimizer
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train_step
+from alignmix_jax.training.train_step import make_optimizer
 from configs import cifar10
 
 torch = pytest.importorskip('torch', reason='the parity test runs the PyTorch transcription: '
                             'pip install torch (CPU build)')
-from alignmix_jax import torch_reference  # noqa: E402  (needs torch)
+from alignmix_jax.pytorch import torch_reference  # noqa: E402
+
+# Slow (left out by -m "not slow"): compiles full PreActResNet18 steps beside PyTorch.
+pytestmark = pytest.mark.slow
 
 BATCH, WIDTH, CLASSES = 8, 0.25, 10
 LAM = 0.3

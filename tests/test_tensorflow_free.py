@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from alignmix_jax import metric_log
 from alignmix_jax.data import common, in_memory
-from tests.conftest import REPO_ROOT, SHARED_DATA, environment_without
+from alignmix_jax.runtime import metric_log
+from tests.conftest import REPO_ROOT, environment_without, write_demo_image_folder
 
 # The demo, as small as conftest.make_tiny_config, with two modes (fewer programs to compile).
 TINY_DEMO = ['--config=configs/demo.py', '--config.dataset.train_subset=64',
@@ -28,13 +28,19 @@ def tensorflow_decode(encoded: list[bytes]) -> np.ndarray:
     return np.stack([common.decode_image(tf, tf.constant(data)).numpy() for data in encoded])
 
 
-def test_pil_gives_tensorflows_pixels_on_the_shared_jpegs_and_the_demo():
-    paths = sorted(str(path) for path in (SHARED_DATA / 'train').glob('*/*.jpg'))[::167]
-    paths += sorted(str(path) for path in (SHARED_DATA / 'test').glob('*/*.jpg'))[::100]
-    assert len(paths) >= 350
+def assert_pil_decodes_the_files_as_tensorflow(paths: list[str]) -> None:
     encoded = [open(path, 'rb').read() for path in paths]
-    decoded = common.decode_images(paths, paths, 'the shared JPEGs', from_files=True)
+    decoded = common.decode_images(paths, paths, 'the JPEG files', from_files=True)
+    assert decoded.shape == (len(paths), 32, 32, 3)
     np.testing.assert_array_equal(decoded, tensorflow_decode(encoded))
+
+
+def test_pil_gives_tensorflows_pixels_on_jpeg_files_and_the_demo(tmp_path):
+    # Files of the image-folder path: every demo training JPEG of 10 classes, 40 each.
+    folder = write_demo_image_folder(tmp_path, {'train': 40})
+    paths = sorted(str(path) for path in folder.glob('train/*/*.jpg'))
+    assert len(paths) == 400
+    assert_pil_decodes_the_files_as_tensorflow(paths)
     with np.load(in_memory.DEMO_DATA_PATH) as archive:
         jpeg_bytes, offsets = archive['test_jpeg_bytes'], archive['test_offsets']
     demo = [jpeg_bytes[start:end].tobytes()
@@ -43,6 +49,16 @@ def test_pil_gives_tensorflows_pixels_on_the_shared_jpegs_and_the_demo():
                                    from_files=False)
     assert decoded.shape == (1000, 32, 32, 3)
     np.testing.assert_array_equal(decoded, tensorflow_decode(demo))
+
+
+@pytest.mark.shared_data
+def test_pil_gives_tensorflows_pixels_across_the_full_cifar10_copy(shared_cifar10):
+    # A sample over all 60,000 files, most of them beyond the demo's (the first 500 training
+    # and 100 test files of each class).
+    paths = sorted(str(path) for path in (shared_cifar10 / 'train').glob('*/*.jpg'))[::167]
+    paths += sorted(str(path) for path in (shared_cifar10 / 'test').glob('*/*.jpg'))[::100]
+    assert len(paths) == 400
+    assert_pil_decodes_the_files_as_tensorflow(paths)
 
 
 def run_module(module, arguments, environment):
@@ -60,6 +76,7 @@ def blocked_environment(tmp_path_factory):
     return environment
 
 
+@pytest.mark.slow  # trains (left out by -m "not slow")
 def test_demo_trains_checkpoints_and_resumes_without_tensorflow(tmp_path, blocked_environment):
     workdir = tmp_path / 'run'
     first = run_module('alignmix_jax.main', [*TINY_DEMO, f'--workdir={workdir}'],
@@ -115,8 +132,9 @@ def test_event_file_reads_back_in_tensorboard_form(tmp_path):
     assert [record['step'] for record in metric_log.read_metrics(str(tmp_path))] == [3, 5]
 
 
+@pytest.mark.slow  # trains (left out by -m "not slow")
 def test_bench_runs_without_tensorflow(blocked_environment):
-    result = run_module('alignmix_jax.bench', [
+    result = run_module('alignmix_jax.experiments.bench', [
         '--config=configs/demo.py', '--config.dataset.train_subset=64',
         '--config.model.width=0.0625', '--config.train.batch_size=8',
         "--config.mixup.modes=('feature',)", '--steps=1', '--warmup=1',
@@ -127,6 +145,7 @@ def test_bench_runs_without_tensorflow(blocked_environment):
     assert figures['alignment_ms'] > 0 and figures['input_images_per_second'] > 0
 
 
+@pytest.mark.slow  # trains (left out by -m "not slow")
 def test_a_tensorflow_dataset_without_tensorflow_is_one_error_line(tmp_path, blocked_environment):
     result = run_module('alignmix_jax.main', [
         '--config=configs/cifar10.py', f'--workdir={tmp_path}',

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from alignmix_jax import data
+from alignmix_jax.data.prepare_tiny_imagenet import TinyImageNetError, prepare
 from alignmix_jax.models import build_model
-from alignmix_jax.prepare_tiny_imagenet import TinyImageNetError, prepare
 from configs import tiny_imagenet
 from tests.conftest import REPO_ROOT
 
@@ -159,7 +159,7 @@ def test_image_folder_loader_reads_the_output(official_archive, tmp_path):
 
 def test_command_line_tool_writes_the_same_files(official_archive, tmp_path):
     prepare(official_archive, tmp_path / 'by_function', report=lambda line: None)
-    command = [sys.executable, '-m', 'alignmix_jax.prepare_tiny_imagenet',
+    command = [sys.executable, '-m', 'alignmix_jax.data.prepare_tiny_imagenet',
                f'--source={official_archive}', f'--output={tmp_path / "by_command"}']
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -239,7 +239,7 @@ def test_a_wrong_source_layout_is_a_clear_error(official_archive, tmp_path, defe
 def test_the_command_line_reports_a_wrong_layout_in_one_line(official_archive, tmp_path):
     expected_message = break_layout(official_archive, 'unknown wnid')
     result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.prepare_tiny_imagenet',
+        [sys.executable, '-m', 'alignmix_jax.data.prepare_tiny_imagenet',
          f'--source={official_archive}', f'--output={tmp_path / "out"}'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1

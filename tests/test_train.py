@@ -9,20 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import (
-    augmentation,
-    checkpointing,
-    data,
-    losses,
-    mixup,
-    sharding,
-    train,
-    train_step,
-)
+from alignmix_jax import data
+from alignmix_jax.data import augmentation
 from alignmix_jax.evaluation import classification
 from alignmix_jax.evaluation import common as evaluation_common
+from alignmix_jax.method import losses, mixup
 from alignmix_jax.models import build_model
+from alignmix_jax.runtime import checkpointing, sharding
+from alignmix_jax.training import train, train_step
 from tests.conftest import REPO_ROOT, fit_one_batch, make_tiny_config
+
+# Slow (left out by -m "not slow"): each test trains or resumes a run of the tiny demo.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -184,7 +182,7 @@ def test_evaluation_counts_every_test_image_once(demo_dataset):
     assert results['accuracy'] == pytest.approx(expected, abs=1e-6)
 
 
-# timm's four options on (issue 17): their draws too must be those of the uninterrupted run.
+# timm's four options on: their draws too must be those of the uninterrupted run.
 TIMM_OPTIONS = {'label_smoothing': 0.1, 'probability': 0.5, 'off_epoch': 2,
                 'lambda_per': 'example'}
 
@@ -330,7 +328,7 @@ def test_bfloat16_model_trains_with_a_float32_alignment(demo_dataset):
 def test_pretrained_weights_replace_the_initialisation(tmp_path, demo_dataset):
     """config.model.pretrained: the converter's output directory is loaded into the new state
     (the converter itself is tested against torch in test_convert_torchvision.py)."""
-    from alignmix_jax import pretrained
+    from alignmix_jax.models import pretrained
 
     config = make_tiny_config()
     model = build_model(config.model, demo_dataset.num_classes)

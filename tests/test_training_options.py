@@ -1,13 +1,19 @@
-"""timm's mixup options (issue 17) in the training step and loop: the soft targets each step
+"""timm's mixup options in the training step and loop: the soft targets each step
 trains on, one compile per mode with one lambda per pair, and the schedule of mixed batches."""
 
 import jax
 import numpy as np
 import pytest
 
-from alignmix_jax import data, losses, mixup, sharding, train, train_step
+from alignmix_jax import data
+from alignmix_jax.method import losses, mixup
 from alignmix_jax.models import build_model
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train, train_step
 from tests.conftest import make_tiny_config
+
+# Slow (left out by -m "not slow"): trains the step and the loop with timm's mixup options.
+pytestmark = pytest.mark.slow
 
 SMOOTHING = 0.1
 
@@ -74,7 +80,8 @@ def test_the_step_trains_on_smoothed_per_example_targets_and_compiles_once(
                                             lambda_per='example')
     assert lam.shape == (16,)
     if mode == mixup.CUTMIX_MODE:  # each pair's lambda is the share of its own box left
-        lam = mixup.cutmix(jax.random.fold_in(device_key, 2), images, permutation, lam)[1]
+        box_key = jax.random.fold_in(device_key, train_step.CUTMIX_BOX_STREAM)
+        lam = mixup.cutmix(box_key, images, permutation, lam)[1]
     permutation, lam = np.asarray(permutation), np.asarray(lam)
     targets = expected_targets(mode, labels, demo_dataset.num_classes, permutation, lam)
     expected_loss = cross_entropy(seen_logits[0], targets)

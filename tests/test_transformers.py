@@ -5,11 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignmix_jax import data, mixup, sharding, train_step
+from alignmix_jax import data
+from alignmix_jax.method import mixup
 from alignmix_jax.models import Classifier, build_model
 from alignmix_jax.models.classifier import ENCODER_OPTIONS
 from alignmix_jax.models.swin import SwinBlock
 from alignmix_jax.models.vit import PatchTokens
+from alignmix_jax.runtime import sharding
+from alignmix_jax.training import train_step
 from tests.conftest import fit_one_batch, init_key, make_tiny_config
 
 BATCH, SIZE, CLASSES = 2, 32, 10
@@ -300,6 +303,7 @@ def gradient_share(initial: np.ndarray, trained: np.ndarray) -> float:
     return float(np.linalg.norm(trained - decayed) / np.linalg.norm(trained))
 
 
+@pytest.mark.slow  # compiles or trains for many seconds (see docs/testing.md)
 @pytest.mark.parametrize('name', ['vit_small', 'swin_tiny'])
 def test_each_mode_trains_the_transformer_and_compiles_once(name):
     config = make_tiny_config()

@@ -8,12 +8,15 @@ import sys
 
 import pytest
 
-from alignmix_jax import workdir_lock
+from alignmix_jax.runtime import workdir_lock
 from tests.conftest import REPO_ROOT
+
+# Slow (left out by -m "not slow"): starts training commands against held workdirs.
+pytestmark = pytest.mark.slow
 
 HOLDER = '''
 import sys, time
-from alignmix_jax import workdir_lock
+from alignmix_jax.runtime import workdir_lock
 with workdir_lock.hold(sys.argv[1], int(sys.argv[2])):
     print('locked', flush=True)
     time.sleep(600)

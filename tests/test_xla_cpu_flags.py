@@ -8,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from alignmix_jax import xla_cpu_flags
+from alignmix_jax.runtime import xla_cpu_flags
 from tests.conftest import REPO_ROOT
 
 OPTION = xla_cpu_flags.YNN_FUSION_OPTION

@@ -3,7 +3,7 @@
 These fit in host memory (CIFAR: 50,000 x 32x32x3 uint8 images are 150 MB). A dataset is read
 and decoded once into uint8 numpy arrays (`common.Split`, `common.Dataset`): CIFAR with tfds
 (TensorFlow), image folders and the demo with PIL (no TensorFlow needed); the train step
-augments its batches on the device (`alignmix_jax.augmentation`).
+augments its batches on the device (`alignmix_jax.data.augmentation`).
 
 Datasets (`config.dataset.name`):
 - 'cifar10', 'cifar100': tfds, prepared in `data_dir` (downloaded there if `download` is set).

@@ -17,10 +17,7 @@ no kind; `make_evaluator` imports the one it needs.
 
 import importlib
 
-# Each kind is the module alignmix_jax.evaluation.<kind>, which holds its `Evaluator` class;
-# add a new kind here.
-KINDS = ('classification', 'robustness', 'calibration', 'ood', 'localization',
-         'correspondence')
+from alignmix_jax.settings.config_choices import EVALUATION_KINDS as KINDS
 
 
 def evaluator_class(kind: str):

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import optax
 
-from alignmix_jax import losses
 from alignmix_jax.evaluation import common
+from alignmix_jax.method import losses
 
 
 def top_k_error(logits: np.ndarray, labels: np.ndarray, k: int) -> float:

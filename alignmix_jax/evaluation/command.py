@@ -13,9 +13,9 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from alignmix_jax import output_dirs
-from alignmix_jax.command_line import hide_library_info, one_line_errors, parse_flags
 from alignmix_jax.evaluation import common
+from alignmix_jax.runtime import output_dirs
+from alignmix_jax.runtime.command_line import hide_library_info, one_line_errors, parse_flags
 
 
 def define_flags() -> None:
@@ -74,7 +74,7 @@ def run_command(kind: str) -> None:
             raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
         logging.get_absl_handler().addFilter(hide_library_info)
         with one_line_errors():
-            from alignmix_jax import config_checks
+            from alignmix_jax.settings import config_checks
             config_checks.validate(flags.FLAGS.config)
             _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,
                                         flags.FLAGS.step, initial=flags.FLAGS.initial)

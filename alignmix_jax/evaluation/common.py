@@ -35,8 +35,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from alignmix_jax import augmentation, checkpointing, data, models, sharding
+from alignmix_jax import data, models
+from alignmix_jax.data import augmentation
 from alignmix_jax.data import common as data_common
+from alignmix_jax.runtime import checkpointing, sharding
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # uint8 images, int32 labels, bool mask
 

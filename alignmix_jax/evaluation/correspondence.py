@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignmix_jax import alignment
 from alignmix_jax.evaluation import common
+from alignmix_jax.method import alignment
 
 TRANSFORMS = ('flip', 'shift')
 

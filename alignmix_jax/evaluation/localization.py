@@ -8,7 +8,8 @@ feature maps A and the classifier's weights, resized to the image (224x224) and 
 normalised; the box of its largest region above `cam_threshold` (0.15) gives top-1
 localisation (class predicted right and IoU >= 0.5) and GT-known localisation (IoU >= 0.5);
 boxes around all regions at every threshold 0, 0.01, ..., 0.99 give MaxBoxAcc-v2 (Choe et al.,
-2020). Definitions and the differences from Choe et al.'s code: alignmix_jax/cam_localization.py.
+2020). Definitions and the differences from Choe et al.'s code:
+alignmix_jax/evaluation/cam_localization.py.
 
 The model's head must be global average pooling followed by linear layers (the WSOL backbones
 use `model.head_norm=False`); with the head's BatchNorm + ReLU (`head_norm=True`) the maps are
@@ -24,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignmix_jax import cam_localization
 from alignmix_jax.data import common as data_common
-from alignmix_jax.evaluation import common
+from alignmix_jax.evaluation import cam_localization, common
 
 # CAMs are resized and normalised on the device this many at a time (one compiled shape).
 _NORMALIZE_CHUNK = 32

@@ -23,8 +23,9 @@ OOD sets:
   pixel by at most 1/510).
 - The paper's OOD sets (Table 3), as ODIN (Liang et al. 2018) distributes them, by name:
   'lsun_crop:PATH', 'isun:PATH', 'tiny_imagenet_crop:PATH', PATH the folder their archive
-  extracts to (README: "Out-of-distribution sets"). Their images (36x36) are centre-cropped to
-  the input size (32x32) whatever `resize` says: the crop is part of these sets' protocol.
+  extracts to (docs/evaluation.md, "Out-of-distribution sets"). Their images (36x36) are
+  centre-cropped to the input size (32x32) whatever `resize` says: the crop is part of these
+  sets' protocol.
 - 'tfds:NAME' or 'tfds:NAME:SPLIT' (default split 'test'): a tfds dataset prepared in
   `data_dir`; 'image_folder:PATH': every image file below PATH (e.g. LSUN, iSUN, Tiny-ImageNet
   test images). Both are fitted to the input size by `resize`: 'crop' takes the central window
@@ -48,7 +49,7 @@ from alignmix_jax.evaluation import common
 
 _NOISE_STREAMS = {'uniform': 0, 'gaussian': 1}
 # The paper's OOD sets of Table 3 (ODIN's archives), named sources of image folders that are
-# centre-cropped to the input size: name -> what the README calls the set.
+# centre-cropped to the input size: name -> what docs/evaluation.md calls the set.
 PAPER_SETS = {'lsun_crop': 'LSUN (crop)', 'isun': 'iSUN',
               'tiny_imagenet_crop': 'Tiny-ImageNet (crop)'}
 # The paper's threshold on the maximum softmax probability (after Hendrycks and Gimpel).

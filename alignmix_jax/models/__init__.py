@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignmix_jax import config_choices
 from alignmix_jax.models.classifier import (
     DECODER_TYPES,
     ENCODER_OPTIONS,
@@ -27,6 +26,7 @@ from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.vit import PatchTokens, VisionTransformer
 from alignmix_jax.models.wide_resnet import WideResNet
+from alignmix_jax.settings import config_choices
 
 __all__ = ['DECODER_TYPES', 'DTYPES', 'ENCODERS', 'Classifier', 'MobileNetV2', 'PatchTokens',
            'PreActResNet18', 'ResNet50',
@@ -37,6 +37,10 @@ __all__ = ['DECODER_TYPES', 'DTYPES', 'ENCODERS', 'Classifier', 'MobileNetV2', '
 
 # config.model.dtype -> the dtype of the network's computations.
 DTYPES = {name: getattr(jnp, name) for name in config_choices.DTYPES}
+
+# Folded into the initialisation key for config.model.init='pytorch''s redraw of the layers,
+# so the model's own initialisers keep the key itself.
+_PYTORCH_INIT_STREAM = 1
 
 
 def encoder_options(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
@@ -63,7 +67,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, *,
     images the decoder D produces, needed only with `config.model.decoder` 'ae' or 'vae'.
     """
     encoder_class(model_config.name)  # fail here, not at the first init, on an unknown name
-    config_choices.check_init(model_config.get('init', 'torchvision'), model_config.name)
+    config_choices.check_init(model_config.init, model_config.name)
     options = dict(encoder_options(model_config))
     if 'shortcut' in options and options['shortcut'] not in SHORTCUTS:
         raise ValueError(f'unknown model.{model_config.name}.shortcut {options["shortcut"]!r}; '
@@ -132,9 +136,9 @@ def initial_variables(config: ml_collections.ConfigDict, model: Classifier, imag
     convolutional networks' layers as PyTorch does (`layers.pytorch_default_init`). The train
     state starts from these; `evaluation.<kind> --initial` evaluates them."""
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    if config.model.get('init', 'torchvision') == 'pytorch':
+    if config.model.init == 'pytorch':
         variables = {**variables, 'params': pytorch_default_init(
-            variables['params'], jax.random.fold_in(key, 1))}
+            variables['params'], jax.random.fold_in(key, _PYTORCH_INIT_STREAM))}
     return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 

@@ -37,7 +37,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignmix_jax.config_choices import DECODER_TYPES, check_model_name
 from alignmix_jax.models.decoder import ResidualDecoder
 from alignmix_jax.models.layers import BN_EPSILON, BN_MOMENTUM, conv_kernel_init
 from alignmix_jax.models.mobilenet_v2 import MobileNetV2
@@ -47,6 +46,7 @@ from alignmix_jax.models.swin import SwinTransformer
 from alignmix_jax.models.vgg import VGG16GAP
 from alignmix_jax.models.vit import VisionTransformer
 from alignmix_jax.models.wide_resnet import WideResNet
+from alignmix_jax.settings.config_choices import DECODER_TYPES, check_model_name
 
 # config.model.name -> encoder constructor; WRN16-8 is WideResNet's default depth and widening.
 ENCODERS = {

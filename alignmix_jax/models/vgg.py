@@ -9,7 +9,7 @@ new 3x3 convolution with 1024 channels (stride 1, padding 1) followed by ReLU. C
 as their VGG16 CAM baseline (their conv6), so weights trained in either setting load here.
 At 224x224 the feature tensor A is (b, 14, 14, 1024); the Classifier's head f must be plain
 pooling (`model.head_norm=False`: A is already rectified) and g the linear classifier whose
-weights make the class activation maps (alignmix_jax/cam_localization.py).
+weights make the class activation maps (alignmix_jax/evaluation/cam_localization.py).
 
 `last_stride=2` keeps the fifth max pool before conv6 (A at 7x7, as VGG-16's own feature
 output), `last_stride=1` removes it (14x14, the WSOL network): the same meaning as ResNet-50's
