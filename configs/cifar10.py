@@ -23,8 +23,9 @@ pre-activated input relu(bn1(x)) on the identity shortcuts of its five shape-kee
 where He et al.'s block adds x ('identity'). The paper's numbers come from the public network,
 and the difference matters for mixup: on a 10,000-image, 20-epoch CPU protocol (docs/parity.md)
 input mixup and the public AlignMix trained 2.4-3.9 points below the public code with
-'identity' and within 0.25 points of its means with 'preactivated' (three seeds),
-while the baseline lands within about a point of the public code's with either.
+'identity' and within 0.5 points of its means with 'preactivated' (three seeds: 63.93 and
+67.15 against 64.18 and 67.64), while the baseline lands within about a point of the public
+code's with either.
 `--config.model.preact_resnet18.shortcut=identity` gives He et al.'s block.
 """
 
