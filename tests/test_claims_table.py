@@ -274,3 +274,29 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
     assert (f'Command: `python -m alignmix_jax.experiments.reproduce --protocol=cpu '
             f'--data_dir={tmp_path} --workdir={workdir} --methods=baseline --seeds=0`'
             ) in result.stdout
+    # --table_only: the same table from the finished runs of a larger set, with what remains;
+    # nothing trains (the missing runs' directories are not created).
+    result = subprocess.run(
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
+         f'--workdir={workdir}', '--protocol=cpu', '--methods=baseline,alignmix',
+         '--seeds=0,1', '--table_only'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '| baseline | 0 | - | 60.00 ± 0.00 | ' in result.stdout
+    assert '3 of 4 runs remain: baseline seed 1; alignmix seeds 0, 1.' in result.stdout
+    assert ('- **AlignMix is more accurate than the baseline and every other mixup method '
+            '(Table 1): not measured.** not trained yet: alignmix, input_mixup, manifold_mixup, '
+            'cutmix.') in result.stdout
+    assert not (workdir / 'alignmix').exists() and not (workdir / 'baseline' / 'seed1').exists()
+
+
+def test_table_only_needs_the_cpu_protocol_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
+         f'--workdir={tmp_path / "runs"}', '--table_only'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        'error: --table_only reads the claims table of --protocol=cpu; add --protocol=cpu')

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from absl import logging
 
-from alignmix_jax.experiments import reproduction_runs
+from alignmix_jax.experiments import claim_readings, reproduction_runs
 
 # The evaluations of each run's final checkpoint (alignmix_jax/evaluation), with their options
 # of the run's config (configs/cpu_protocol.py: robustness on 1,000 test images).
@@ -252,16 +252,35 @@ def format_markdown(summary: dict, runs: Sequence[dict], *, command: str, machin
 
 
 def write_results(workdir: str, runs: Sequence[dict], *, command: str, remaining: str) -> dict:
-    """Writes WORKDIR/results.json and WORKDIR/results.md; returns the summary."""
+    """Writes WORKDIR/results.json and WORKDIR/results.md (the table, then the reading of the
+    paper's claims, `claim_readings`); returns the summary."""
     summary = summarize(runs)
     machine = reproduction_runs.machine_description()
+    readings = claim_readings.read_claims(summary)
+    separation = claim_readings.separation(summary)
     with open(os.path.join(workdir, 'results.json'), 'w') as results_file:
         json.dump({'command': command, 'machine': machine, 'remaining': remaining,
-                   'runs': list(runs), 'summary': summary}, results_file, indent=2)
+                   'runs': list(runs), 'summary': summary, 'claims': readings,
+                   'separation': separation}, results_file, indent=2)
     with open(os.path.join(workdir, 'results.md'), 'w') as table_file:
         table_file.write(format_markdown(summary, runs, command=command, machine=machine,
                                          remaining=remaining))
+        if runs:
+            table_file.write('\n' + claim_readings.format_markdown(readings, separation))
     return summary
+
+
+def write_finished(methods: Sequence[str], seeds: Sequence[int], workdir: str, *,
+                   num_epochs: int, command: str = '') -> str:
+    """Writes the table and the reading of the runs already trained and evaluated, training
+    and evaluating nothing (`reproduce --protocol=cpu --table_only`); returns what remains."""
+    runs = [run_figures(reproduction_runs.run_directory(workdir, method, seed), method, seed,
+                        num_epochs)
+            for method in methods for seed in seeds
+            if run_status(reproduction_runs.run_directory(workdir, method, seed)) == 'done']
+    remaining = remaining_report(workdir, methods, seeds)
+    write_results(workdir, runs, command=command, remaining=remaining)
+    return remaining
 
 
 def run_claims(make_config: Callable[[str], object], methods: Sequence[str],

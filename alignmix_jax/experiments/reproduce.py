@@ -28,11 +28,14 @@ the public code's, behind two heads, and writes WORKDIR/ablation.md
 `--protocol=cpu` trains instead the claims set of configs/cpu_protocol.py (its `METHODS`, or
 `--methods`) on that protocol's budget (2,000 training images, 100 epochs), evaluates each
 run's final checkpoint for FGSM and PGD accuracy, ECE and OE, and writes one row a method to
-WORKDIR/results.md and results.json; it prints which runs remain and an estimate of their
-time at the start and after each run (`alignmix_jax.experiments.claims_table`):
+WORKDIR/results.md and results.json, followed by the reading of the paper's claims
+(`alignmix_jax.experiments.claim_readings`); it prints which runs remain and an estimate of
+their time at the start and after each run (`alignmix_jax.experiments.claims_table`).
+`--table_only` writes the table and the reading from the runs finished so far and trains
+nothing:
 
     python -m alignmix_jax.experiments.reproduce --protocol=cpu \
-        --data_dir=../shared/data/cifar10-jpeg --workdir=runs/cpu
+        --data_dir=../shared/data/cifar10-jpeg --workdir=runs/cpu [--table_only]
 
 This is not the paper's protocol (2000 epochs on the full training set): it compares the
 methods on the same small budget, where the ranking may well differ from the paper's. The
@@ -66,6 +69,10 @@ flags.DEFINE_enum('protocol', 'mini', ['mini', 'cpu'],
                   "The runs' budget: 'mini', configs/mini_reproduction.py (the fast smoke run); "
                   "'cpu', configs/cpu_protocol.py, each final checkpoint also evaluated for "
                   'FGSM/PGD accuracy and calibration (the claims table).')
+flags.DEFINE_bool('table_only', False,
+                  'With --protocol=cpu: write the table and the reading of the paper\'s claims '
+                  'from the runs already trained and evaluated, train nothing, and print what '
+                  'remains.')
 
 
 def main(argv):
@@ -95,6 +102,9 @@ def main(argv):
     except ValueError:
         raise SystemExit(f'error: --seeds must be integers, got {",".join(FLAGS.seeds)}') from None
 
+    if FLAGS.table_only and FLAGS.protocol != 'cpu':
+        raise SystemExit('error: --table_only reads the claims table of --protocol=cpu; add '
+                         '--protocol=cpu')
     if FLAGS.protocol == 'cpu' and FLAGS.ablation is not None:
         raise SystemExit('error: --ablation runs on the mini-reproduction budget; leave out '
                          '--protocol=cpu (or --ablation)')
@@ -151,11 +161,15 @@ def _claims_table(seeds):
         return config
 
     names = FLAGS.methods or list(cpu_protocol.METHODS)
+    command = _command(' --protocol=cpu', names)
     with one_line_errors():
-        for name in names:  # every run's settings, before the first run trains
-            config_checks.validate(make_config(name), num_devices=jax.device_count())
-        claims_table.run_claims(make_config, names, seeds, FLAGS.workdir,
-                                command=_command(' --protocol=cpu', names))
+        if FLAGS.table_only:
+            claims_table.write_finished(names, seeds, FLAGS.workdir, command=command,
+                                        num_epochs=make_config(names[0]).train.num_epochs)
+        else:
+            for name in names:  # every run's settings, before the first run trains
+                config_checks.validate(make_config(name), num_devices=jax.device_count())
+            claims_table.run_claims(make_config, names, seeds, FLAGS.workdir, command=command)
     with open(os.path.join(FLAGS.workdir, 'results.md')) as table_file:
         print(table_file.read())
 
