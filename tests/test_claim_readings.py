@@ -151,3 +151,14 @@ def test_results_md_ends_with_the_reading(tmp_path):
     assert [reading['verdict'] for reading in saved['claims']] == [
         'holds', 'not measured', 'within noise', 'within noise', 'within noise']
     assert saved['separation']['separated'] is True
+
+
+def test_one_side_without_spread_is_still_tested_quietly(recwarn):
+    # The baseline's PGD count the same on both seeds: Welch's test on the other side's spread.
+    summary = _summary(baseline={'pgd_accuracy': [0.046, 0.046]},
+                       input_mixup={'pgd_accuracy': [0.030, 0.024, 0.036]})
+    comparison = claim_readings.compare(summary, 'input_mixup', 'baseline', 'pgd_accuracy')
+    # t = 0.016 / sqrt(0.006^2 / 3) = 4.62 on 2 degrees of freedom: p = 0.0438.
+    assert comparison['p_value'] == pytest.approx(0.04382, abs=1e-5)
+    assert comparison['verdict'] == 'does not hold'
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
