@@ -4,6 +4,8 @@ from the embedded demo images, and the opt-in checks on the full CIFAR-10 JPEG c
 import functools
 import os
 import pathlib
+import subprocess
+import sys
 
 # Tests train the same tiny networks many times; compiling each program once saves minutes.
 # Set in the environment before JAX is imported, so that the commands the tests start as
@@ -42,6 +44,16 @@ def init_key(seed: int) -> jax.Array:
     """A key for model.init in tests: threefry takes ~10 s here to compile the draws of a
     ResNet's parameter tensors; the rbg bit generator compiles in ~3 s, same initialisers."""
     return jax.random.key(seed, impl='rbg')
+
+
+def run_reproduce(data_dir, workdir, *flags) -> subprocess.CompletedProcess:
+    """`python -m alignmix_jax.experiments.reproduce --data_dir=... --workdir=... FLAGS` from
+    the checkout, as a user starts it; its output is captured as text."""
+    return subprocess.run(
+        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={data_dir}',
+         f'--workdir={workdir}', *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
 
 
 def make_tiny_config():

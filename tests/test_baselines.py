@@ -1,9 +1,6 @@
 """The comparison methods of Table 1: baseline, CutMix, manifold mixup, as modes of one step."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +15,7 @@ from alignmix_jax.models import Classifier, build_model
 from alignmix_jax.runtime import sharding
 from alignmix_jax.training import mode_forward, train, train_step
 from configs import cifar10, methods, mini_reproduction
-from tests.conftest import REPO_ROOT, fit_one_batch, init_key, make_tiny_config
+from tests.conftest import fit_one_batch, init_key, make_tiny_config, run_reproduce
 
 HEIGHT, WIDTH = 32, 32
 
@@ -286,11 +283,7 @@ def test_reproduction_trains_each_run_once_and_writes_the_table(tmp_path, monkey
 
 
 def test_reproduction_command_rejects_an_unknown_method_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
-         f'--workdir={tmp_path / "runs"}', '--methods=cutmix,mixmix'],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    result = run_reproduce(tmp_path, tmp_path / 'runs', '--methods=cutmix,mixmix')
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown method 'mixmix'; valid methods: baseline, input_mixup, manifold_mixup, "

@@ -4,8 +4,6 @@ table's figures, and the skip/resume of training and evaluation on a tiny budget
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from alignmix_jax.experiments import claims_table, reproduction_runs
 from alignmix_jax.settings import config_checks
 from alignmix_jax.training import train
 from configs import cpu_protocol, methods
-from tests.conftest import REPO_ROOT, make_tiny_config
+from tests.conftest import make_tiny_config, run_reproduce
 
 # Slow (left out by -m "not slow"): trains and evaluates the claims protocol end to end.
 pytestmark = pytest.mark.slow
@@ -229,11 +227,8 @@ def test_tiny_claims_skip_and_resume_training_and_evaluation(tmp_path, monkeypat
 
 
 def test_cpu_protocol_refuses_the_ablation_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
-         f'--workdir={tmp_path / "runs"}', '--protocol=cpu', '--ablation=alignment'],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    result = run_reproduce(tmp_path, tmp_path / 'runs', '--protocol=cpu',
+                           '--ablation=alignment')
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         'error: --ablation runs on the mini-reproduction budget; leave out --protocol=cpu (or '
@@ -259,11 +254,8 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
         'results': {'ece': 0.05, 'oe': 0.02, 'num_examples': 10000, 'bin_counts': [0] * 15}})
     _write(os.path.join(directory, 'eval', claims_table.TIMING_FILE),
            {'robustness': 150.0, 'calibration': 10.0})
-    result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
-         f'--workdir={workdir}', '--protocol=cpu', '--methods=baseline', '--seeds=0'],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    result = run_reproduce(tmp_path, workdir, '--protocol=cpu', '--methods=baseline',
+                           '--seeds=0')
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0] == 'All 1 runs are trained and evaluated.'
@@ -276,12 +268,8 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
             ) in result.stdout
     # --table_only: the same table from the finished runs of a larger set, with what remains;
     # nothing trains (the missing runs' directories are not created).
-    result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
-         f'--workdir={workdir}', '--protocol=cpu', '--methods=baseline,alignmix',
-         '--seeds=0,1', '--table_only'],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    result = run_reproduce(tmp_path, workdir, '--protocol=cpu', '--methods=baseline,alignmix',
+                           '--seeds=0,1', '--table_only')
     assert result.returncode == 0, result.stderr[-2000:]
     assert '| baseline | 0 | - | 60.00 ± 0.00 | ' in result.stdout
     assert '3 of 4 runs remain: baseline seed 1; alignmix seeds 0, 1.' in result.stdout
@@ -292,11 +280,7 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
 
 
 def test_table_only_needs_the_cpu_protocol_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, '-m', 'alignmix_jax.experiments.reproduce', f'--data_dir={tmp_path}',
-         f'--workdir={tmp_path / "runs"}', '--table_only'],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    result = run_reproduce(tmp_path, tmp_path / 'runs', '--table_only')
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         'error: --table_only reads the claims table of --protocol=cpu; add --protocol=cpu')
