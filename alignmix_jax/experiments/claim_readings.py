@@ -16,10 +16,11 @@ two-sided at the 5% level: 'holds' when the difference is in the claimed directi
 significant, 'does not hold' when it is significant the other way, 'within noise' otherwise,
 and 'not measured' when a method has fewer than two seeds (no spread to test against); when
 every seed of both methods gives the same value there is no t statistic, and a difference
-counts as beyond noise. A claim
-holds when every one of its comparisons holds, does not hold when any of them goes
-significantly the other way, and is within noise otherwise; its line gives every comparison's
-difference and p-value, so a claim that holds against some methods and not others says so.
+counts as beyond noise. A claim holds when every one of its comparisons holds, does not hold
+when any of them goes significantly the other way, and is within noise otherwise; its line
+gives every comparison's difference and p-value, so a claim that holds against some methods
+and not others says so. Welch's test rather than a fixed multiple of the standard deviation:
+with three seeds a side the spread itself is uncertain, which the t distribution accounts for.
 
 `separation` is the protocol's own criterion (configs/cpu_protocol.py): the baseline and input
 mixup differ by at least three times the larger of their seed standard deviations.
