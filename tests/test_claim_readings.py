@@ -97,6 +97,10 @@ def test_each_claim_compares_the_papers_methods():
                               for figure in ('fgsm_accuracy', 'pgd_accuracy'))
     assert pairs[4] == sorted(('alignmix', other, figure) for other in competitors
                               for figure in ('ece', 'oe'))
+    assert pairs[5] == sorted(('alignmix', other, f'ood_{noise}_{figure}')
+                              for other in competitors for noise in ('uniform', 'gaussian')
+                              for figure in ('detection', 'auroc'))
+    assert len(readings) == 6
     # Identical seeds everywhere: every comparison within noise, no claim holds.
     assert {reading['verdict'] for reading in readings} == {'within noise'}
     assert all(reading['missing_methods'] == [] for reading in readings)
@@ -124,6 +128,9 @@ def test_results_md_ends_with_the_reading(tmp_path):
         for seed, accuracy in enumerate(accuracies):
             runs.append({'method': method, 'seed': seed, 'final_test_accuracy': accuracy,
                          'fgsm_accuracy': 0.1, 'pgd_accuracy': 0.05, 'ece': 0.1, 'oe': 0.05,
+                         'ood_uniform_detection': 0.6, 'ood_uniform_auroc': 0.7,
+                         'ood_gaussian_detection': 0.5, 'ood_gaussian_auroc': 0.6,
+                         'ood_examples': 10000,
                          'curve': {}, 'wall_seconds': 600, 'calibration_examples': 10000,
                          'calibration_bins': 15, 'robustness_examples': 1000,
                          'robustness_options': {'fgsm_epsilon': 8 / 255,
@@ -142,14 +149,18 @@ def test_results_md_ends_with_the_reading(tmp_path):
     assert reading[2].endswith('not trained yet: manifold_mixup, cutmix.')
     assert reading[3] == ('- **Aligned feature mixing is more accurate than unaligned (Table 8): '
                           'not measured.** not trained yet: alignmix_unaligned.')
-    # Identical robustness and calibration on every seed: no spread to test.
+    # Identical robustness, calibration and OOD detection on every seed: no spread to test.
     assert '(no spread, within noise)' in reading[4]
+    assert reading[7].startswith(
+        '- **AlignMix detects out-of-distribution noise best: the highest detection accuracy '
+        'and AUROC on uniform and Gaussian noise (Table 6): within noise.** alignmix - baseline '
+        'uniform-noise detection accuracy +0.00 (no spread, within noise); ')
     assert reading[-1] == ("The protocol's criterion (input_mixup - baseline final accuracy at "
                            'least 3 x the larger seed std): +5.00 against 3.00 over 3 seed(s): '
                            'separated.')
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert [reading['verdict'] for reading in saved['claims']] == [
-        'holds', 'not measured', 'within noise', 'within noise', 'within noise']
+        'holds', 'not measured', 'within noise', 'within noise', 'within noise', 'within noise']
     assert saved['separation']['separated'] is True
 
 

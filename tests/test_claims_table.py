@@ -35,6 +35,7 @@ def test_the_preset_is_the_claims_set_on_the_cifar10_network():
         assert config.model.preact_resnet18.shortcut == 'preactivated'
         assert config.evals.robustness.num_examples == 1000
         assert config.evals.calibration.num_bins == 15
+        assert config.evals.ood.datasets == claims_table.OOD_SETS
     unaligned = cpu_protocol.get_config('alignmix_unaligned')
     assert unaligned.mixup.align is False
     assert unaligned.mixup.modes == ('input', 'embedding', 'feature', 'feature_prime')
@@ -63,7 +64,7 @@ def _fake_run(workdir, method, seed, *, train_seconds, eval_seconds=None):
             _write(os.path.join(directory, 'eval', f'{kind}.json'),
                    {'kind': kind, 'step': 1500, 'results': {}})
         _write(os.path.join(directory, 'eval', claims_table.TIMING_FILE),
-               {'robustness': eval_seconds - 20, 'calibration': 20})
+               {'robustness': eval_seconds - 30, 'calibration': 20, 'ood': 10})
 
 
 def test_remaining_runs_and_their_estimate(tmp_path):
@@ -100,8 +101,12 @@ def test_evaluation_only_remaining_before_any_evaluation(tmp_path):
 
 
 def _run(method, seed, final, fgsm, pgd, ece, oe, curve, wall):
+    # OOD figures: uniform noise from the final accuracy, Gaussian from FGSM, to tell apart.
     return {'method': method, 'seed': seed, 'final_test_accuracy': final,
             'fgsm_accuracy': fgsm, 'pgd_accuracy': pgd, 'ece': ece, 'oe': oe,
+            'ood_uniform_detection': final, 'ood_uniform_auroc': final + 0.1,
+            'ood_gaussian_detection': fgsm, 'ood_gaussian_auroc': fgsm + 0.1,
+            'ood_examples': 10000,
             'curve': curve, 'wall_seconds': wall, 'calibration_examples': 10000,
             'calibration_bins': 15,
             'robustness_examples': 1000,
@@ -136,6 +141,15 @@ def test_table_columns_from_known_runs(tmp_path):
             in note)
     assert 'Wall time: 50 min for these runs together' in note
     assert note.endswith('2 of 6 runs remain: alignmix seeds 1, 2.')
+    assert table[7:13] == [
+        "Out-of-distribution detection by the maximum softmax probability (Table 6's noise "
+        'sets, 10000 images each, against the test images):',
+        '',
+        '| method | Uniform noise: detection accuracy (t = 0.5), % | Uniform noise: AUROC, % | '
+        'Gaussian noise: detection accuracy (t = 0.5), % | Gaussian noise: AUROC, % |',
+        '|---|---|---|---|---|',
+        '| baseline | 60.00 ± 10.00 | 70.00 ± 10.00 | 20.00 ± 10.00 | 30.00 ± 10.00 |',
+        '| alignmix | 62.00 ± 0.00 | 72.00 ± 0.00 | 25.00 ± 0.00 | 35.00 ± 0.00 |']
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert saved['summary']['baseline']['curve'] == pytest.approx({'25': 0.5, '50': 0.6})
     assert len(saved['runs']) == 4 and saved['command'] == 'the command'
@@ -174,8 +188,8 @@ def test_tiny_claims_skip_and_resume_training_and_evaluation(tmp_path, monkeypat
     assert reports[1].startswith('1 of 2 runs remain: baseline seed 1. Estimated time: ')
     assert reports[2] == 'All 2 runs are trained and evaluated.'
     assert 'Resumed from' in caplog.text  # seed 1 went on from its checkpoint at step 4
-    assert evaluated == [('robustness', 'seed0'), ('calibration', 'seed0'),
-                         ('robustness', 'seed1'), ('calibration', 'seed1')]
+    assert evaluated == [(kind, seed) for seed in ('seed0', 'seed1')
+                         for kind in ('robustness', 'calibration', 'ood')]
     for seed in (0, 1):
         directory = reproduction_runs.run_directory(workdir, 'baseline', seed)
         robustness = json.loads(open(f'{directory}/eval/robustness.json').read())
@@ -188,10 +202,15 @@ def test_tiny_claims_skip_and_resume_training_and_evaluation(tmp_path, monkeypat
             1 - robustness['results']['fgsm_top1_error'])
         assert saved['pgd_accuracy'] == pytest.approx(1 - robustness['results']['pgd_top1_error'])
         assert saved['ece'] == calibration['results']['ece']
+        ood = json.loads(open(f'{directory}/eval/ood.json').read())
+        assert ood['step'] == 8
+        assert saved['ood_gaussian_auroc'] == ood['results']['gaussian']['auroc']
+        assert saved['ood_uniform_detection'] == ood['results']['uniform']['detection_accuracy']
+        assert saved['ood_examples'] == 1000  # as many noise images as test images
         assert list(saved['curve']) == ['1', '2']  # the evaluations after epochs 1 and 2
         assert saved['curve']['2'] == pytest.approx(saved['final_test_accuracy'])
         timing = json.loads(open(f'{directory}/eval/wall_seconds.json').read())
-        assert set(timing) == {'robustness', 'calibration'}
+        assert set(timing) == {'robustness', 'calibration', 'ood'}
         assert saved['wall_seconds'] == pytest.approx(saved['train_seconds'] + sum(
             timing.values()))
     finals = [run['final_test_accuracy'] for run in
@@ -252,8 +271,12 @@ def test_cpu_protocol_command_tabulates_finished_runs_without_training(tmp_path)
     _write(os.path.join(directory, 'eval', 'calibration.json'), {
         'kind': 'calibration', 'step': 1500,
         'results': {'ece': 0.05, 'oe': 0.02, 'num_examples': 10000, 'bin_counts': [0] * 15}})
+    _write(os.path.join(directory, 'eval', 'ood.json'), {
+        'kind': 'ood', 'step': 1500,
+        'results': {name: {'detection_accuracy': 0.55, 'auroc': 0.6, 'num_out': 10000}
+                    for name in ('uniform', 'gaussian')}})
     _write(os.path.join(directory, 'eval', claims_table.TIMING_FILE),
-           {'robustness': 150.0, 'calibration': 10.0})
+           {'robustness': 150.0, 'calibration': 10.0, 'ood': 20.0})
     result = run_reproduce(tmp_path, workdir, '--protocol=cpu', '--methods=baseline',
                            '--seeds=0')
     assert result.returncode == 0, result.stderr[-2000:]

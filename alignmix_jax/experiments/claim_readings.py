@@ -8,7 +8,9 @@ and reads the claims that the CPU protocol can test:
   'unaligned' row);
 - every mixup method is more robust to FGSM and to PGD than the baseline (Table 2);
 - AlignMix is the most robust to FGSM and to PGD (Table 2);
-- AlignMix is the best calibrated: the lowest ECE and OE (Table 7).
+- AlignMix is the best calibrated: the lowest ECE and OE (Table 7);
+- AlignMix detects out-of-distribution images best: the highest detection accuracy and AUROC
+  on uniform and Gaussian noise (Table 6's noise sets).
 
 Each claim is a set of comparisons of two methods on one figure. A comparison is Welch's
 t-test (`scipy.stats.ttest_ind` with unequal variances) on the two methods' per-seed values,
@@ -45,6 +47,10 @@ FIGURES = {
     'pgd_accuracy': ('PGD accuracy', True),
     'ece': ('ECE', False),
     'oe': ('OE', False),
+    'ood_uniform_detection': ('uniform-noise detection accuracy', True),
+    'ood_uniform_auroc': ('uniform-noise AUROC', True),
+    'ood_gaussian_detection': ('Gaussian-noise detection accuracy', True),
+    'ood_gaussian_auroc': ('Gaussian-noise AUROC', True),
 }
 # (claim, [(better method, other methods, figures)]), in the paper's order.
 CLAIMS = (
@@ -58,6 +64,10 @@ CLAIMS = (
      [('alignmix', COMPETITORS, ('fgsm_accuracy', 'pgd_accuracy'))]),
     ('AlignMix is the best calibrated: the lowest ECE and OE (Table 7)',
      [('alignmix', COMPETITORS, ('ece', 'oe'))]),
+    ('AlignMix detects out-of-distribution noise best: the highest detection accuracy and '
+     'AUROC on uniform and Gaussian noise (Table 6)',
+     [('alignmix', COMPETITORS, ('ood_uniform_detection', 'ood_uniform_auroc',
+                                 'ood_gaussian_detection', 'ood_gaussian_auroc'))]),
 )
 
 

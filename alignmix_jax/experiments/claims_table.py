@@ -5,7 +5,8 @@
 `reproduction_runs.run_all` (a finished run is skipped, a killed one resumes from its
 checkpoint) and evaluates each run's final checkpoint with the evaluation commands' own code
 (`evaluation.command.evaluate_workdir`, the kinds of EVAL_KINDS: FGSM and PGD accuracy, ECE
-and OE), skipping a kind whose `eval/<kind>.json` already holds the final step;
+and OE, and maximum-softmax OOD detection of uniform and Gaussian noise, the paper's Table 6
+noise sets), skipping a kind whose `eval/<kind>.json` already holds the final step;
 each evaluation's wall time goes to the run's `eval/wall_seconds.json`. Before the first run
 and after each run it trains or evaluates, it reports which runs remain and an estimate of the
 time they need, from the finished runs' wall times (none before a run has finished: no figure
@@ -30,10 +31,20 @@ from absl import logging
 from alignmix_jax.experiments import claim_readings, reproduction_runs
 
 # The evaluations of each run's final checkpoint (alignmix_jax/evaluation), with their options
-# of the run's config (configs/cpu_protocol.py: robustness on 1,000 test images).
-EVAL_KINDS = ('robustness', 'calibration')
-# The table's figures of a run, each a fraction (accuracies, ECE, OE), in the table's order.
-FIGURES = ('final_test_accuracy', 'fgsm_accuracy', 'pgd_accuracy', 'ece', 'oe')
+# of the run's config (configs/cpu_protocol.py: robustness on 1,000 test images, OOD_SETS).
+EVAL_KINDS = ('robustness', 'calibration', 'ood')
+# The OOD sets of the OOD table: the paper's noise sets (Table 6), as many as the test images.
+OOD_SETS = ('uniform', 'gaussian')
+# Each table's figures of a run, each a fraction, in the table's order, with its column.
+MAIN_COLUMNS = {'final_test_accuracy': 'final test accuracy, %',
+                'fgsm_accuracy': 'FGSM accuracy, %', 'pgd_accuracy': 'PGD accuracy, %',
+                'ece': 'ECE, %', 'oe': 'OE, %'}
+# The OOD table's figures of each set: name -> (evaluation/ood.py's figure, column).
+OOD_FIGURES = {'detection': ('detection_accuracy', 'detection accuracy (t = 0.5)'),
+               'auroc': ('auroc', 'AUROC')}
+OOD_COLUMNS = {f'ood_{name}_{figure}': f'{name.capitalize()} noise: {column}, %'
+               for name in OOD_SETS for figure, (_, column) in OOD_FIGURES.items()}
+FIGURES = (*MAIN_COLUMNS, *OOD_COLUMNS)
 # Where each evaluation's wall time is kept, in the run's eval/ directory.
 TIMING_FILE = 'wall_seconds.json'
 
@@ -92,11 +103,12 @@ def evaluate_run(config, directory: str, step: int, dataset=None) -> None:
 
 
 def run_figures(directory: str, method: str, seed: int, num_epochs: int) -> dict:
-    """The table's figures of a run that is trained and evaluated (robustness, calibration)."""
+    """The tables' figures of a run that is trained and evaluated (every kind of EVAL_KINDS)."""
     result = _training_result(directory)
     steps = result['steps']
     robustness = _evaluation(directory, 'robustness', steps)['results']
     calibration = _evaluation(directory, 'calibration', steps)['results']
+    ood = _evaluation(directory, 'ood', steps)['results']
     timing = _read_json(os.path.join(directory, 'eval', TIMING_FILE)) or {}
     accuracy = reproduction_runs.logged_scalars(directory, ['test/accuracy'])['test/accuracy']
     eval_seconds = sum(timing.values())
@@ -116,6 +128,9 @@ def run_figures(directory: str, method: str, seed: int, num_epochs: int) -> dict
         'ece': calibration['ece'], 'oe': calibration['oe'],
         'calibration_examples': calibration['num_examples'],
         'calibration_bins': len(calibration['bin_counts']),
+        **{f'ood_{name}_{figure}': ood[name][key] for name in OOD_SETS
+           for figure, (key, _) in OOD_FIGURES.items()},
+        'ood_examples': ood[OOD_SETS[0]]['num_out'],
         'train_seconds': result.get('wall_seconds'), 'eval_seconds': eval_seconds,
         'wall_seconds': (result['wall_seconds'] + eval_seconds
                          if 'wall_seconds' in result else None),
@@ -219,26 +234,31 @@ def _describe_robustness(runs: Sequence[dict]) -> str:
 
 def format_markdown(summary: dict, runs: Sequence[dict], *, command: str, machine: str,
                     remaining: str) -> str:
-    """The table (one row a method) and what it was measured on."""
+    """The main table (one row a method), what it was measured on, then the OOD table."""
     if not runs:
         return f'No run is trained and evaluated yet. {remaining}\n'
     epochs = list(next(iter(summary.values()))['curve'])
     curve_header = (f'test accuracy at epoch {" / ".join(epochs)}, % (mean)' if epochs
                     else 'test accuracy during training (not logged)')
-    lines = [
-        f'| method | seeds | {curve_header} | final '
-        'test accuracy, % | FGSM accuracy, % | PGD accuracy, % | ECE, % | OE, % | wall time '
-        'per run (training + evaluation) |',
-        '|---|---|---|---|---|---|---|---|---|',
-    ]
+
+    def cells(figures, columns):
+        return ' | '.join(f'{100 * figures[name]["mean"]:.2f} ± {100 * figures[name]["std"]:.2f}'
+                          for name in columns)
+
+    lines = [f'| method | seeds | {curve_header} | {" | ".join(MAIN_COLUMNS.values())} | '
+             'wall time per run (training + evaluation) |',
+             '|---' * (len(MAIN_COLUMNS) + 4) + '|']
     for method, figures in summary.items():
         curve = ' / '.join(f'{100 * figures["curve"][epoch]:.2f}' if epoch in figures['curve']
                            else '-' for epoch in epochs) or '-'
-        cells = [f'{100 * figures[figure]["mean"]:.2f} ± {100 * figures[figure]["std"]:.2f}'
-                 for figure in FIGURES]
         wall = figures['wall_seconds_mean']
         lines.append(f'| {method} | {", ".join(map(str, figures["seeds"]))} | {curve} | '
-                     f'{" | ".join(cells)} | {"-" if wall is None else duration(wall)} |')
+                     f'{cells(figures, MAIN_COLUMNS)} | '
+                     f'{"-" if wall is None else duration(wall)} |')
+    ood_lines = [f'| method | {" | ".join(OOD_COLUMNS.values())} |',
+                 '|---' * (len(OOD_COLUMNS) + 1) + '|']
+    ood_lines += [f'| {method} | {cells(figures, OOD_COLUMNS)} |'
+                  for method, figures in summary.items()]
     total_seconds = sum(run['wall_seconds'] for run in runs if run['wall_seconds'] is not None)
     lines += [
         '',
@@ -247,6 +267,11 @@ def format_markdown(summary: dict, runs: Sequence[dict], *, command: str, machin
         f'{runs[0]["calibration_examples"]} test images; {_describe_robustness(runs)}. '
         f'Command: `{command}`. Machine: {machine}. Wall time: {duration(total_seconds)} '
         f'for these runs together. {remaining}',
+        '',
+        'Out-of-distribution detection by the maximum softmax probability (Table 6\'s noise '
+        f'sets, {runs[0]["ood_examples"]} images each, against the test images):',
+        '',
+        *ood_lines,
     ]
     return '\n'.join(lines) + '\n'
 

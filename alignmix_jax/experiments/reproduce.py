@@ -27,8 +27,9 @@ the public code's, behind two heads, and writes WORKDIR/ablation.md
 
 `--protocol=cpu` trains instead the claims set of configs/cpu_protocol.py (its `METHODS`, or
 `--methods`) on that protocol's budget (2,000 training images, 100 epochs), evaluates each
-run's final checkpoint for FGSM and PGD accuracy, ECE and OE, and writes one row a method to
-WORKDIR/results.md and results.json, followed by the reading of the paper's claims
+run's final checkpoint for FGSM and PGD accuracy, ECE and OE, and OOD detection of uniform
+and Gaussian noise, and writes one row a method to WORKDIR/results.md and results.json (a
+second table for OOD detection), followed by the reading of the paper's claims
 (`alignmix_jax.experiments.claim_readings`); it prints which runs remain and an estimate of
 their time at the start and after each run (`alignmix_jax.experiments.claims_table`).
 `--table_only` writes the table and the reading from the runs finished so far and trains
