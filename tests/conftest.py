@@ -4,6 +4,7 @@ from the embedded demo images, and the opt-in checks on the full CIFAR-10 JPEG c
 import functools
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ import alignmix_jax  # noqa: E402, F401  (sets XLA's CPU flags before JAX starts
 from configs import demo  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The start of an absl log line (level, date, time, thread id): kept off a quiet console.
+ABSL_PREFIX = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ ', re.MULTILINE)
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')
 

@@ -156,3 +156,18 @@ def test_a_failed_saves_gathering_future_is_hidden_and_other_asyncio_errors_are_
                              'Task exception was never retrieved\nfuture: <Task coro=<save() '
                              'at /venv/site-packages/orbax/checkpoint/async.py:10>>', None, None)
     assert hide_library_info(task) is False
+
+
+def test_orbax_notes_on_a_read_only_restore_are_hidden_and_its_other_warnings_are_not():
+    def orbax_warning(message, *args):
+        return logging.LogRecord('absl', logging.WARNING,
+                                 '/venv/site-packages/orbax/checkpoint/checkpoint_manager.py',
+                                 1, message, args, None)
+
+    assert hide_library_info(orbax_warning('Given directory is read only=%s', '/w')) is False
+    assert hide_library_info(orbax_warning('Metadata file does not exist: %s', '/w/1/s')) is False
+    assert hide_library_info(orbax_warning('Checkpoint step 7 is incomplete')) is True
+    # The same words from elsewhere are not orbax's notes.
+    assert hide_library_info(logging.LogRecord('absl', logging.WARNING, '/repo/ours.py', 1,
+                                               'Given directory is read only', None,
+                                               None)) is True

@@ -15,7 +15,7 @@ import time
 from alignmix_jax.runtime import console as console_module
 from alignmix_jax.runtime.command_line import keep_on_quiet_terminal
 from alignmix_jax.runtime.console import Console, duration, header_line
-from tests.conftest import REPO_ROOT
+from tests.conftest import ABSL_PREFIX, REPO_ROOT
 from tests.test_tensorflow_free import TINY_DEMO
 
 HEADER_PARTS = dict(model='preact_resnet18 (width 0.25)',
@@ -154,9 +154,6 @@ def test_the_quiet_terminal_keeps_warnings_and_hides_info_and_matplotlibs_start_
     assert kept(on_terminal=False, to_file=False) == [False, True, False, True]
     assert kept(on_terminal=False, to_file=True) == [True, True, False, True]  # the log file
     assert kept(on_terminal=True, to_file=False) == [True, True, True, True]  # -v
-
-
-ABSL_PREFIX = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ ', re.MULTILINE)
 
 
 def train(*arguments):

@@ -16,7 +16,7 @@ from alignmix_jax.evaluation import command, common, ood
 from alignmix_jax.method import alignment
 from alignmix_jax.runtime import checkpointing
 from alignmix_jax.training import train
-from tests.conftest import REPO_ROOT, make_tiny_config
+from tests.conftest import ABSL_PREFIX, REPO_ROOT, make_tiny_config
 
 # Slow (left out by -m "not slow"): trains a run, then runs every evaluation command on it.
 pytestmark = pytest.mark.slow
@@ -39,6 +39,9 @@ def run_command(kind, workdir, *overrides):
          f'--workdir={workdir}', *TINY_OVERRIDES, *overrides],
         cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
+    # A quiet console: the table only, no absl line (orbax's notes on the read-only restore,
+    # jax's search for accelerators) unless asked for with -v.
+    assert not ABSL_PREFIX.search(completed.stderr), completed.stderr[-2000:]
     with open(os.path.join(workdir, 'eval', f'{kind}.json')) as json_file:
         record = json.load(json_file)
     assert record['kind'] == kind and record['step'] == 8  # the latest checkpoint

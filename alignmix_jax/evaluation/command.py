@@ -15,7 +15,13 @@ from absl import app, flags, logging
 
 from alignmix_jax.evaluation import common
 from alignmix_jax.runtime import output_dirs
-from alignmix_jax.runtime.command_line import hide_library_info, one_line_errors, parse_flags
+from alignmix_jax.runtime.command_line import (
+    absl_log_on_terminal,
+    hide_library_info,
+    one_line_errors,
+    parse_flags,
+    route_absl_log,
+)
 
 
 def define_flags() -> None:
@@ -74,6 +80,8 @@ def run_command(kind: str) -> None:
             raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
         logging.get_absl_handler().addFilter(hide_library_info)
         with one_line_errors():
+            # The table is the console: absl's INFO lines only with -v or in --log_dir.
+            route_absl_log(absl_log_on_terminal())
             from alignmix_jax.settings import config_checks
             config_checks.validate(flags.FLAGS.config)
             _, table = evaluate_workdir(kind, flags.FLAGS.config, flags.FLAGS.workdir,

@@ -26,9 +26,12 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 def make_manager(workdir: str, *, max_to_keep: int = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
+    # A read-only manager (evaluation) saves, deletes and cleans nothing: said here, orbax
+    # does not warn that it overrides these options.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=True)
+        max_to_keep=None if read_only else max_to_keep, create=not read_only,
+        read_only=read_only, cleanup_tmp_directories=not read_only,
+        save_interval_steps=0 if read_only else 1)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_names=('state', 'progress'))
 

@@ -169,14 +169,22 @@ def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FL
                              f'be joined into one tuple)')
 
 
+# orbax's warnings that say nothing is wrong: that the evaluation's manager is read-only (as
+# asked), and that a composite checkpoint's item has no step metadata of its own (orbax keeps
+# it one folder up, where it is).
+_ORBAX_NOTES = ('Given directory is read only', 'Metadata file does not exist')
+
+
 def hide_library_info(record: python_logging.LogRecord) -> bool:
     """Keeps the console to our progress: orbax logs every save and restore at INFO level, and
     a failed save as a traceback from each of its threads (and asyncio one per task it left
     behind), which the command reports as one `error:` line instead (the tracebacks are at
-    debug level, `--verbosity=1`)."""
+    debug level, `--verbosity=1`); its _ORBAX_NOTES are hidden too."""
     from_orbax = '/orbax/' in record.pathname
     if (from_orbax and record.exc_info) or (record.name == 'asyncio' and (
             '/orbax/' in _message(record) or _raised_in_orbax(record))):
+        return False
+    if from_orbax and _message(record).startswith(_ORBAX_NOTES):
         return False
     return record.levelno >= python_logging.WARNING or not from_orbax
 
