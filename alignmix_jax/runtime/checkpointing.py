@@ -26,8 +26,8 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 def make_manager(workdir: str, *, max_to_keep: int = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
-    # A read-only manager (evaluation) saves, deletes and cleans nothing: said here, orbax
-    # does not warn that it overrides these options.
+    # A read-only manager (evaluation) saves, deletes and cleans nothing. Saying so here keeps
+    # orbax from overriding each of these options with a warning.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only,
