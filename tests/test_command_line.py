@@ -165,7 +165,6 @@ def test_orbax_notes_on_a_read_only_restore_are_hidden_and_its_other_warnings_ar
                                  1, message, args, None)
 
     assert hide_library_info(orbax_warning('Given directory is read only=%s', '/w')) is False
-    assert hide_library_info(orbax_warning('Metadata file does not exist: %s', '/w/1/s')) is False
     assert hide_library_info(orbax_warning('Checkpoint step 7 is incomplete')) is True
     # The same words from elsewhere are not orbax's notes.
     assert hide_library_info(logging.LogRecord('absl', logging.WARNING, '/repo/ours.py', 1,

@@ -235,14 +235,18 @@ def _check_variables_fit(state_directory: epath.Path, abstract_variables: dict) 
     """CheckpointError naming the first variable the checkpoint lacks or holds in another shape.
 
     Checked from orbax's metadata before restoring: a failed restore leaves orbax's background
-    work behind, which prints tracebacks at exit.
+    work behind, which prints tracebacks at exit. The item's handler reads it: a checkpointer
+    would also look for step metadata in the item's folder (it is one folder up) and warn.
     """
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-        saved = ocp.PyTreeCheckpointer().metadata(state_directory).item_metadata.tree
+        saved = handler.metadata(state_directory).tree
     except Exception as error:  # orbax raises many types for damaged files
         step_directory = state_directory.parent
         raise _unreadable(step_directory.parent, f'the checkpoint of step {step_directory.name}',
                           type(error).__name__) from error
+    finally:
+        handler.close()
     for path, wanted in jax.tree_util.tree_flatten_with_path(abstract_variables)[0]:
         keys = [str(getattr(entry, 'key', entry)) for entry in path]
         node = saved

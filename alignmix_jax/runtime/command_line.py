@@ -169,10 +169,9 @@ def check_tuple_fields_given_once(argv, flag_values: flags.FlagValues = flags.FL
                              f'be joined into one tuple)')
 
 
-# orbax's warnings that say nothing is wrong: that the evaluation's manager is read-only (as
-# asked), and that a composite checkpoint's item has no step metadata of its own (orbax keeps
-# it one folder up, where it is).
-_ORBAX_NOTES = ('Given directory is read only', 'Metadata file does not exist')
+# orbax's warning that says nothing is wrong: that the evaluation's manager is read-only, as
+# asked.
+_ORBAX_NOTES = ('Given directory is read only',)
 
 
 def hide_library_info(record: python_logging.LogRecord) -> bool:
