@@ -90,6 +90,19 @@ def test_remaining_runs_and_their_estimate(tmp_path):
     assert claims_table.duration(3 * 3600 + 5 * 60) == '3 h 05 min'
 
 
+def test_the_estimate_counts_finished_runs_not_asked_for(tmp_path):
+    # Runs started one seed at a time: seed 1 is estimated from seed 0's 600 + 60 s.
+    _fake_run(tmp_path, 'a', 0, train_seconds=600, eval_seconds=60)
+    assert claims_table.remaining_report(str(tmp_path), ['a'], [1]) == (
+        '1 of 1 runs remain: a seed 1. Estimated time: 11 min (10 min training, 1 min '
+        "evaluation; per run its method's mean over finished runs, else the mean over all of "
+        'them).')
+    # Another method's runs stand in for a method without one; other folders are not runs.
+    os.makedirs(tmp_path / 'jax_cache' / 'seedless')
+    assert claims_table.remaining_report(str(tmp_path), ['b'], [0]).startswith(
+        '1 of 1 runs remain: b seed 0. Estimated time: 11 min')
+
+
 def test_evaluation_only_remaining_before_any_evaluation(tmp_path):
     _fake_run(tmp_path, 'a', 0, train_seconds=600)
     assert claims_table.remaining_report(str(tmp_path), ['a'], [0]) == (

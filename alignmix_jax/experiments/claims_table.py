@@ -21,6 +21,7 @@ A resumed run's recorded training time covers only its last part (run_all times 
 estimates made from resumed runs are low.
 """
 
+import glob
 import json
 import os
 import time
@@ -166,25 +167,35 @@ def duration(seconds: float) -> str:
     return f'{minutes} min' if minutes < 60 else f'{minutes // 60} h {minutes % 60:02d} min'
 
 
+def _finished_times(workdir: str) -> tuple[dict, dict]:
+    """{method: [seconds]} of training and of evaluation, over every run directory in the
+    workdir (<workdir>/<method>/seed<N>) that has finished that part."""
+    train_times, eval_times = {}, {}
+    for directory in sorted(glob.glob(os.path.join(workdir, '*', 'seed[0-9]*'))):
+        method = os.path.basename(os.path.dirname(directory))
+        result = _training_result(directory)
+        if result is not None and 'wall_seconds' in result:
+            train_times.setdefault(method, []).append(result['wall_seconds'])
+        if run_status(directory) == 'done':
+            timing = _read_json(os.path.join(directory, 'eval', TIMING_FILE))
+            if timing is not None and set(EVAL_KINDS) <= set(timing):
+                eval_times.setdefault(method, []).append(sum(timing.values()))
+    return train_times, eval_times
+
+
 def remaining_report(workdir: str, methods: Sequence[str], seeds: Sequence[int]) -> str:
     """Which runs remain (to train and evaluate, or to evaluate) and the time they need,
     estimated from the finished runs: per remaining run, the mean training (evaluation) time
-    of its method's finished runs, or of all finished runs for a method without one."""
-    train_times, eval_times = {}, {}  # method -> seconds of its finished runs
+    of its method's finished runs, or of all finished runs for a method without one. Every
+    run in the workdir counts, also those of methods and seeds not asked for now, so that
+    runs started one seed at a time are estimated from the seeds before them."""
     remaining = []
     for method in methods:
         for seed in seeds:
-            directory = reproduction_runs.run_directory(workdir, method, seed)
-            status = run_status(directory)
+            status = run_status(reproduction_runs.run_directory(workdir, method, seed))
             if status != 'done':
                 remaining.append((method, seed, status))
-            result = _training_result(directory)
-            if result is not None and 'wall_seconds' in result:
-                train_times.setdefault(method, []).append(result['wall_seconds'])
-            if status == 'done':
-                timing = _read_json(os.path.join(directory, 'eval', TIMING_FILE))
-                if timing is not None and set(EVAL_KINDS) <= set(timing):
-                    eval_times.setdefault(method, []).append(sum(timing.values()))
+    train_times, eval_times = _finished_times(workdir)
     total = len(methods) * len(seeds)
     if not remaining:
         return f'All {total} runs are trained and evaluated.'
