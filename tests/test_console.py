@@ -39,6 +39,8 @@ def test_the_header_names_the_model_data_devices_steps_and_config_file():
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (0.4, 45, 381.6, 7500)] == \
         ['0 s', '45 s', '6 min 22 s', '2 h 05 min']
+    assert [duration(s, whole_minutes=True) for s in (20, 381.6, 3569, 3571, 7500)] == \
+        ['0 min', '6 min', '59 min', '1 h 00 min', '2 h 05 min']
 
 
 def run_console(console: Console, total_steps: int = 20) -> None:

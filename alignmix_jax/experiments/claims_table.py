@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from absl import logging
 
 from alignmix_jax.experiments import claim_readings, reproduction_runs
+from alignmix_jax.runtime import console
 
 # The evaluations of each run's final checkpoint (alignmix_jax/evaluation), with their options
 # of the run's config (configs/cpu_protocol.py: robustness on 1,000 test images, OOD_SETS).
@@ -162,9 +163,8 @@ def summarize(runs: Sequence[dict]) -> dict:
 
 
 def duration(seconds: float) -> str:
-    """'42 min', '3 h 05 min'."""
-    minutes = round(seconds / 60)
-    return f'{minutes} min' if minutes < 60 else f'{minutes // 60} h {minutes % 60:02d} min'
+    """'42 min', '3 h 05 min': run times, averaged or estimated, to the minute."""
+    return console.duration(seconds, whole_minutes=True)
 
 
 def _finished_times(workdir: str) -> tuple[dict, dict]:

@@ -23,8 +23,13 @@ import os
 import sys
 
 
-def duration(seconds: float) -> str:
-    """'45 s', '6 min 21 s', '2 h 05 min': a time to read at a glance."""
+def duration(seconds: float, *, whole_minutes: bool = False) -> str:
+    """'45 s', '6 min 21 s', '2 h 05 min': a time to read at a glance; with `whole_minutes`,
+    rounded to the minute ('6 min'), for times estimated or averaged over runs."""
+    if whole_minutes:
+        seconds = 60 * round(seconds / 60)
+        if seconds < 3600:
+            return f'{seconds // 60} min'
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f'{seconds} s'
