@@ -173,3 +173,11 @@ def test_one_side_without_spread_is_still_tested_quietly(recwarn):
     assert comparison['p_value'] == pytest.approx(0.04382, abs=1e-5)
     assert comparison['verdict'] == 'does not hold'
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_every_figure_of_the_table_has_a_name_and_a_direction():
+    # The readings name each figure the table records, and no other.
+    assert set(claim_readings.FIGURES) == set(claims_table.FIGURES)
+    for _, comparisons in claim_readings.CLAIMS:
+        for _, _, figures in comparisons:
+            assert set(figures) <= set(claims_table.FIGURES)

@@ -44,7 +44,14 @@ MAIN_COLUMNS = {'final_test_accuracy': 'final test accuracy, %',
 # The OOD table's figures of each set: name -> (evaluation/ood.py's figure, column).
 OOD_FIGURES = {'detection': ('detection_accuracy', 'detection accuracy (t = 0.5)'),
                'auroc': ('auroc', 'AUROC')}
-OOD_COLUMNS = {f'ood_{name}_{figure}': f'{name.capitalize()} noise: {column}, %'
+
+
+def ood_figure(ood_set: str, figure: str) -> str:
+    """A run's name for an OOD figure of one set: 'ood_uniform_auroc'."""
+    return f'ood_{ood_set}_{figure}'
+
+
+OOD_COLUMNS = {ood_figure(name, figure): f'{name.capitalize()} noise: {column}, %'
                for name in OOD_SETS for figure, (_, column) in OOD_FIGURES.items()}
 FIGURES = (*MAIN_COLUMNS, *OOD_COLUMNS)
 # Where each evaluation's wall time is kept, in the run's eval/ directory.
@@ -130,7 +137,7 @@ def run_figures(directory: str, method: str, seed: int, num_epochs: int) -> dict
         'ece': calibration['ece'], 'oe': calibration['oe'],
         'calibration_examples': calibration['num_examples'],
         'calibration_bins': len(calibration['bin_counts']),
-        **{f'ood_{name}_{figure}': ood[name][key] for name in OOD_SETS
+        **{ood_figure(name, figure): ood[name][key] for name in OOD_SETS
            for figure, (key, _) in OOD_FIGURES.items()},
         'ood_examples': ood[OOD_SETS[0]]['num_out'],
         'train_seconds': result.get('wall_seconds'), 'eval_seconds': eval_seconds,
