@@ -224,6 +224,11 @@ def test_tiny_claims_skip_and_resume_training_and_evaluation(tmp_path, monkeypat
         assert saved['curve']['2'] == pytest.approx(saved['final_test_accuracy'])
         timing = json.loads(open(f'{directory}/eval/wall_seconds.json').read())
         assert set(timing) == {'robustness', 'calibration', 'ood'}
+        # Seed 1's training time includes the killed call's first epoch.
+        result = json.loads(open(f'{directory}/results.json').read())
+        assert (result['train_seconds_before_resume'] > 0) == (seed == 1)
+        assert result['wall_seconds'] > result['train_seconds'] > \
+            result['train_seconds_before_resume']
         assert saved['wall_seconds'] == pytest.approx(saved['train_seconds'] + sum(
             timing.values()))
     finals = [run['final_test_accuracy'] for run in

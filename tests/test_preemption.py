@@ -84,6 +84,8 @@ def test_a_signal_saves_the_step_in_progress_and_the_resumed_run_is_bit_identica
     jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
     jax.tree.map(np.testing.assert_array_equal, state_a.batch_stats, state_b.batch_stats)
     jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
+    # Equal but for the training time each run took.
+    assert progress_a.pop('train_seconds') > 0 and progress_b.pop('train_seconds') > 0
     assert progress_a == progress_b
     assert resumed['final_test_accuracy'] == uninterrupted_result['final_test_accuracy']
     assert resumed['final_test_loss'] == uninterrupted_result['final_test_loss']
@@ -236,4 +238,6 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path, 
     assert step_a == step_b == 12
     jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
     jax.tree.map(np.testing.assert_array_equal, state_a.batch_stats, state_b.batch_stats)
+    # Equal but for the training time each run took.
+    assert progress_a.pop('train_seconds') > 0 and progress_b.pop('train_seconds') > 0
     assert progress_a == progress_b

@@ -208,9 +208,16 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dat
     monkeypatch.setattr(train, 'choose_mode', interrupted_draw)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-    assert restore_params(str(tmp_path / 'resumed'), config, demo_dataset)[2] == 6
+    _, killed_progress, killed_step = restore_params(str(tmp_path / 'resumed'), config,
+                                                     demo_dataset)
+    assert killed_step == 6
     monkeypatch.setattr(train, 'choose_mode', draw_mode)
     resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    # The training time goes on from the checkpoint's: the run's, not the last call's.
+    assert killed_progress['train_seconds'] > 0
+    assert resumed['train_seconds_before_resume'] == killed_progress['train_seconds']
+    assert resumed['train_seconds'] > killed_progress['train_seconds']
+    assert uninterrupted['train_seconds_before_resume'] == 0
 
     state_a, progress_a, step_a = restore_params(str(tmp_path / 'uninterrupted'), config,
                                                  demo_dataset)
@@ -221,6 +228,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, demo_dat
     jax.tree.map(np.testing.assert_array_equal, state_a.batch_stats, state_b.batch_stats)
     jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
     assert resumed['final_test_accuracy'] == uninterrupted['final_test_accuracy']
+    assert progress_a.pop('train_seconds') > 0 and progress_b.pop('train_seconds') > 0
     assert progress_a == progress_b
     if options:
         # The resumed steps 7-12 of seed 0: mixed, then clean by probability (step 8), then

@@ -59,7 +59,9 @@ def run_all(make_config: Callable[[str], object], methods: Sequence[str], seeds:
                 run_start = time.time()
                 result = train.train_and_evaluate(config, directory,
                                                   dataset=datasets[dataset_key])
-                result['wall_seconds'] = time.time() - run_start
+                # With the training of earlier calls, when this one resumed a killed run.
+                result['wall_seconds'] = (time.time() - run_start
+                                          + result['train_seconds_before_resume'])
                 with open(results_path, 'w') as results_file:
                     json.dump(result, results_file, indent=2)
             # The modes drawn (with 'clean' for a decoder) and alpha, from the method's config.

@@ -248,7 +248,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      if cutmix_probability > 0 else '')
     else:
         logging.info('The checkpoint is at the last step (%d); evaluating it.', start_step)
+    # Training time of the run across resumes: each checkpoint records the seconds trained up
+    # to it (steps lost to a kill after the last one are counted once, when trained again).
+    trained_before = progress.get('train_seconds', 0.0)
     start_time = time.time()
+
+    def train_seconds():
+        return trained_before + time.time() - start_time
+
     # SIGTERM or SIGINT: the step in progress ends the run, saved
     # (alignmix_jax/runtime/preemption.py).
     with (preemption.StopOnSignal() as stop, _wait_for_saves(manager),
@@ -308,7 +315,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 console.evaluation(epoch, step, test_metrics['accuracy'], test_metrics['loss'],
                                    progress['best_test_accuracy'], progress['best_epoch'])
             if should_save:
-                checkpointing.save(manager, step, state, progress)
+                checkpointing.save(manager, step, state,
+                                   {**progress, 'train_seconds': train_seconds()})
             if stopping:
                 checkpointing.check_saves(manager, wait=True)
                 writer.flush()
@@ -321,7 +329,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               'final_test_loss': test_metrics['loss'],
               'best_test_accuracy': progress['best_test_accuracy'],
               'best_epoch': progress['best_epoch'], 'steps': total_steps,
-              'train_seconds': time.time() - start_time}
+              # Over every part of a resumed run; this call's share was the rest.
+              'train_seconds': train_seconds(), 'train_seconds_before_resume': trained_before}
     if 'reconstruction_error' in test_metrics:
         result['final_test_reconstruction_error'] = test_metrics['reconstruction_error']
     if eval_figures:  # the last figures of config.train.evals
