@@ -12,13 +12,14 @@ and after each run it trains or evaluates, it reports which runs remain and an e
 time they need, from the finished runs' wall times (none before a run has finished: no figure
 is assumed). After each run it writes WORKDIR/results.json (every finished run's figures, the
 summary) and WORKDIR/results.md: one row a method, the test accuracy at each evaluation
-(mean over seeds, from the run's TensorBoard summaries, i.e. the curve), then the final test
+(mean over seeds, from the run's metrics.jsonl, i.e. the curve), then the final test
 accuracy, FGSM and PGD accuracy, ECE and OE as mean ± sample standard deviation over seeds, and
 the wall time per run (training and evaluation). Only runs both trained and evaluated enter
 the table.
 
-A resumed run's recorded training time covers only its last part (run_all times each call), so
-estimates made from resumed runs are low.
+A resumed run's wall time includes its training before the resume, which its checkpoint
+records (`train.train_and_evaluate`'s train_seconds_before_resume); the work lost to a kill
+after the last checkpoint is not counted.
 """
 
 import glob
