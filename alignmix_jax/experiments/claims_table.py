@@ -83,9 +83,13 @@ def run_status(directory: str) -> str:
     result = _training_result(directory)
     if result is None:
         return 'train'
-    if any(_evaluation(directory, kind, result['steps']) is None for kind in EVAL_KINDS):
-        return 'evaluate'
-    return 'done'
+    return 'done' if _evaluated(directory, result) else 'evaluate'
+
+
+def _evaluated(directory: str, result: dict) -> bool:
+    """Whether every kind of EVAL_KINDS has evaluated the final checkpoint of the trained run
+    whose results.json is `result`."""
+    return all(_evaluation(directory, kind, result['steps']) is not None for kind in EVAL_KINDS)
 
 
 def evaluate_run(config, directory: str, step: int, dataset=None) -> None:
@@ -181,10 +185,12 @@ def _finished_times(workdir: str) -> tuple[dict, dict]:
     train_times, eval_times = {}, {}
     for directory in sorted(glob.glob(os.path.join(workdir, '*', 'seed[0-9]*'))):
         method = os.path.basename(os.path.dirname(directory))
-        result = _training_result(directory)
-        if result is not None and 'wall_seconds' in result:
+        result = _training_result(directory)  # read once: training, then evaluation
+        if result is None:
+            continue
+        if 'wall_seconds' in result:
             train_times.setdefault(method, []).append(result['wall_seconds'])
-        if run_status(directory) == 'done':
+        if _evaluated(directory, result):
             timing = _read_json(os.path.join(directory, 'eval', TIMING_FILE))
             if timing is not None and set(EVAL_KINDS) <= set(timing):
                 eval_times.setdefault(method, []).append(sum(timing.values()))
